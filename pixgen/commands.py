@@ -1,0 +1,135 @@
+"""The library's own subcommands: ``generate``, ``info``, ``encoders``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from pixgen.errors import InputError
+
+__all__ = ["add_parsers", "DEFAULT_MODEL"]
+
+# The bundled default model (committed inside the package); `--model` overrides it.
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "pixgen-default"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``generate``, ``info`` and ``encoders`` to the ``pixgen`` parser."""
+    gen = sub.add_parser("generate", help="generate H&E tiles from references, embeddings or a label")
+    gen.add_argument("--model", default=str(DEFAULT_MODEL), help="model dir or hub id (default: the bundled model)")
+    gen.add_argument("--n", type=int, default=4, help="images per condition (per label with --label)")
+    gen.add_argument("--out", required=True, help="output directory")
+    gen.add_argument("--reference", nargs="+", help="reference image(s): variations of each")
+    gen.add_argument("--embeddings", help="embeddings file (.safetensors from pixgen, .npy or .pt)")
+    gen.add_argument("--label", help="a label of the model's embedding bank (see `pixgen info`)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    gen.add_argument("--guidance", type=float, help="CFG scale w, pred = uncond + w(cond-uncond); 1 = off")
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--token", help="hub token for gated models (or set HF_TOKEN)")
+    gen.add_argument("--vae-path", help="local autoencoder folder (overrides the model's)")
+    gen.add_argument("--encoder-path", help="local encoder weights folder (offline / gated hubs)")
+    gen.set_defaults(func=run_generate)
+
+    info = sub.add_parser("info", help="describe a model")
+    info.add_argument("model", nargs="?", default=str(DEFAULT_MODEL), help="model dir or hub id")
+    info.add_argument("--token", help="hub token for gated models")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=run_info)
+
+    enc = sub.add_parser("encoders", help="list the SSL encoder registry")
+    enc.add_argument("--json", action="store_true", help="print JSON")
+    enc.set_defaults(func=run_encoders)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pixgen import __version__
+    from pixgen.embeddings import load_embeddings
+    from pixgen.io import contact_sheet, save_png, write_json_atomic
+    from pixgen.pipeline import Generator
+
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    out = Path(args.out)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    gen = Generator.from_pretrained(
+        args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device, dtype=dtype
+    )
+    embeddings = load_embeddings(args.embeddings) if args.embeddings else None
+    result = gen.generate(
+        embeddings=embeddings,
+        reference=args.reference,
+        label=args.label,
+        num_images=args.n,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    base = {
+        "pixgen_version": __version__,
+        "model": str(args.model),
+        "encoder": gen.config.get("encoder"),
+        "steps": result.extra["num_inference_steps"],
+        "guidance": result.extra["guidance_scale"],
+        "scheduler": type(gen.scheduler).__name__,
+        "device": args.device,
+        "dtype": args.dtype,
+        "label": args.label,
+    }
+    files = []
+    for i, (img, seed, cid) in enumerate(zip(result.images, result.seeds, result.condition_ids)):
+        prov = {**base, "seed": seed, "condition": cid, "index": i}
+        files.append(save_png(img, out / f"{i:04d}.png", provenance=prov).name)
+    contact_sheet(result.images).save(out / "contact_sheet.png")
+    write_json_atomic(out / "provenance.json", {
+        **base,
+        "seeds": result.seeds,
+        "reference_ids": sorted(set(result.condition_ids)),
+        "files": files,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "host": platform.node(),
+    })
+    print(f"wrote {len(files)} images, contact_sheet.png and provenance.json to {out}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from pixgen.pipeline import Generator
+
+    desc = {"model": str(args.model), **Generator.from_pretrained(args.model, token=args.token).describe()}
+    if args.json:
+        print(json.dumps(desc, indent=2))
+    else:
+        width = max(map(len, desc))
+        for key, value in desc.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def run_encoders(args: argparse.Namespace) -> int:
+    from pixgen.encoders import list_encoders
+
+    specs = list_encoders()
+    rows = [
+        {"name": s.name, "dim": s.dim, "input_px": s.input_size, "mpp": s.mpp, "output": s.output,
+         "source": s.source, "gated": s.gated, "licence": s.licence}
+        for s in specs
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = list(rows[0]) if rows else []
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    return 0

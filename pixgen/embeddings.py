@@ -1,0 +1,153 @@
+"""Embeddings tagged with the encoder that made them, and the embedding bank of a model.
+
+The embedding space is pixgen's interface: every request ends as condition tokens of one
+encoder. Tagging them with that encoder's name lets a model refuse foreign embeddings.
+
+Example:
+    >>> emb = Embeddings(torch.randn(4, 1, 384), encoder="pixgen-ssl")
+    >>> save_embeddings("refs.safetensors", emb)                 # doctest: +SKIP
+    >>> load_embeddings("refs.safetensors").encoder              # doctest: +SKIP
+    'pixgen-ssl'
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pixgen.errors import EncoderMismatchError, InputError, ModelLoadError
+
+__all__ = ["Embeddings", "EmbeddingBank", "save_embeddings", "load_embeddings"]
+
+
+@dataclass
+class Embeddings:
+    """Condition tokens ``values`` (N, T, D) made by ``encoder`` (registry name, or None if unknown)."""
+
+    values: torch.Tensor
+    encoder: str | None = None
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        values = torch.as_tensor(self.values)
+        if values.ndim == 2:  # (N, D): one token per image
+            values = values[:, None]
+        if values.ndim != 3 or values.shape[0] == 0:
+            raise InputError(
+                f"embeddings must be (N, D) or (N, tokens, D) with N > 0, got shape {tuple(values.shape)}"
+            )
+        if not torch.isfinite(values).all():
+            bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise InputError(
+                f"embeddings contain NaN or Inf (rows {bad[:8]})",
+                fix="recompute them from valid images; check the encoder's input for blank or corrupt tiles",
+            )
+        self.values = values.float()
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def check_encoder(self, expected: str | None, dim: int) -> None:
+        """Raise :class:`EncoderMismatchError` unless these embeddings fit a model's encoder."""
+        if self.values.shape[-1] != dim:
+            raise EncoderMismatchError(
+                f"embeddings have dim {self.values.shape[-1]} but the model expects {dim}"
+                + (f" ({expected})" if expected else ""),
+                fix=f"embed the images with {expected or 'the model’s encoder'} (pixgen info MODEL shows it)",
+            )
+        if expected and self.encoder and self.encoder != expected:
+            raise EncoderMismatchError(
+                f"embeddings come from encoder {self.encoder!r}, the model was trained on {expected!r}",
+                fix=f"re-embed the images with {expected!r} or pass references instead",
+            )
+
+
+def save_embeddings(path: str | Path, emb: Embeddings) -> None:
+    """Write embeddings + encoder tag + ids to one safetensors file."""
+    meta = {"encoder": emb.encoder or "", "ids": json.dumps(emb.ids)}
+    save_file({"values": emb.values.contiguous()}, str(path), metadata=meta)
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    """Read embeddings written by :func:`save_embeddings` (or a ``.pt``/``.npy`` array, untagged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no embeddings file at {path}", fix="check the --embeddings path")
+    if path.suffix in (".npy", ".pt"):
+        import numpy as np
+
+        values = torch.load(path, weights_only=True) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
+        return Embeddings(values)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            values = f.get_tensor("values")
+    except (SafetensorError, OSError, KeyError) as err:
+        raise InputError(
+            f"{path} is not a pixgen embeddings file ({err})",
+            fix="write it with pixgen.embeddings.save_embeddings, or pass a .npy / .pt array",
+        ) from err
+    return Embeddings(values, encoder=meta.get("encoder") or None, ids=json.loads(meta.get("ids", "[]")))
+
+
+class EmbeddingBank:
+    """Embeddings of real training tiles, grouped by label, so a label alone can condition.
+
+    Stored as ``embedding_bank.safetensors`` (one tensor per label) with each label's tile
+    sources in the metadata.
+
+    Example:
+        >>> bank = EmbeddingBank({"lung_scc": torch.randn(10, 1, 8)}, encoder="pixgen-ssl")
+        >>> bank.sample("lung_scc", 3, seed=0).values.shape
+        torch.Size([3, 1, 8])
+    """
+
+    FILENAME = "embedding_bank.safetensors"
+
+    def __init__(self, entries: dict[str, torch.Tensor], encoder: str | None, sources: dict[str, list[str]] | None = None):
+        if not entries:
+            raise InputError("an embedding bank needs at least one label")
+        self.entries = {k: Embeddings(v).values for k, v in entries.items()}
+        self.encoder = encoder
+        self.sources = sources or {}
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted(self.entries)
+
+    def sample(self, label: str, n: int, seed: int = 0) -> Embeddings:
+        """``n`` bank embeddings of ``label`` (with replacement when the bank holds fewer)."""
+        if label not in self.entries:
+            raise InputError(f"unknown label {label!r}", fix=f"use one of: {', '.join(self.labels)}")
+        pool = self.entries[label]
+        gen = torch.Generator().manual_seed(seed)
+        replace = n > pool.shape[0]
+        idx = torch.randint(pool.shape[0], (n,), generator=gen) if replace else torch.randperm(pool.shape[0], generator=gen)[:n]
+        return Embeddings(pool[idx], encoder=self.encoder, ids=[f"{label}[{i}]" for i in idx.tolist()])
+
+    def save(self, directory: str | Path) -> None:
+        meta = {"encoder": self.encoder or "", "sources": json.dumps(self.sources)}
+        save_file({k: v.contiguous() for k, v in self.entries.items()}, str(Path(directory) / self.FILENAME), metadata=meta)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EmbeddingBank | None:
+        """The bank in ``directory``, or None when the model has none."""
+        path = Path(directory) / cls.FILENAME
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            entries = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"corrupt embedding bank {path}: {err}", fix="re-create the bank or remove it") from err
+        return cls(entries, encoder=meta.get("encoder") or None, sources=json.loads(meta.get("sources", "{}")))
