@@ -122,15 +122,20 @@ class EmbeddingBank:
     def labels(self) -> list[str]:
         return sorted(self.entries)
 
-    def sample(self, label: str, n: int, seed: int = 0) -> Embeddings:
-        """``n`` bank embeddings of ``label`` (with replacement when the bank holds fewer)."""
-        if label not in self.entries:
+    def sample(self, label: str | None, n: int, seed: int = 0) -> Embeddings:
+        """``n`` bank embeddings of ``label`` (all labels pooled when None), drawn with a seed;
+        with replacement only when the pool holds fewer than ``n``."""
+        if label is not None and label not in self.entries:
             raise InputError(f"unknown label {label!r}", fix=f"use one of: {', '.join(self.labels)}")
-        pool = self.entries[label]
+        names = [label] if label is not None else self.labels
+        pool = torch.cat([self.entries[k] for k in names])
+        owners = [f"{k}[{i}]" for k in names for i in range(self.entries[k].shape[0])]
         gen = torch.Generator().manual_seed(seed)
-        replace = n > pool.shape[0]
-        idx = torch.randint(pool.shape[0], (n,), generator=gen) if replace else torch.randperm(pool.shape[0], generator=gen)[:n]
-        return Embeddings(pool[idx], encoder=self.encoder, ids=[f"{label}[{i}]" for i in idx.tolist()])
+        if n > pool.shape[0]:
+            idx = torch.randint(pool.shape[0], (n,), generator=gen)
+        else:
+            idx = torch.randperm(pool.shape[0], generator=gen)[:n]
+        return Embeddings(pool[idx], encoder=self.encoder, ids=[owners[i] for i in idx.tolist()])
 
     def save(self, directory: str | Path) -> None:
         meta = {"encoder": self.encoder or "", "sources": json.dumps(self.sources)}

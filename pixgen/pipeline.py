@@ -248,16 +248,16 @@ class Generator:
         seed: int = 0,
     ) -> Embeddings:
         """One condition per output image: each given condition repeated ``num_images`` times,
-        or ``num_images`` bank draws for a ``label``."""
+        or ``num_images`` bank draws for a ``label`` (for nothing given: from all bank labels)."""
         given = [x is not None for x in (embeddings, reference, label)]
         if sum(given) > 1:
             raise InputError("give only one of embeddings, reference or label")
         if num_images < 1:
             raise InputError(f"num_images must be >= 1, got {num_images}")
-        if label is not None:
+        if label is not None or (sum(given) == 0 and self.embedding_bank is not None):
             if self.embedding_bank is None:
                 raise InputError("this model has no embedding bank, so --label cannot be used", fix="pass --reference images")
-            return self.embedding_bank.sample(label, num_images, seed=seed)
+            return self.embedding_bank.sample(label, num_images, seed=seed)  # no label: all labels pooled
         if reference is not None:
             cond = self.embed_references(reference)
         elif embeddings is not None:

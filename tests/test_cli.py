@@ -1,0 +1,77 @@
+"""The `pixgen` command: help, generate with provenance, info, encoders, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pixgen.cli import main
+from pixgen.io import read_provenance
+from pixgen.testing import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_help_lists_library_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("generate", "info", "encoders"):
+        assert cmd in out
+
+
+def test_generate_writes_pngs_contact_sheet_and_provenance(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model_dir), "--n", "4", "--out", str(out), "--seed", "7"]) == 0
+    pngs = sorted(out.glob("0*.png"))
+    assert [p.name for p in pngs] == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seeds"] == [7, 8, 9, 10] and prov["encoder"] == "tiny-test" and prov["steps"] == 3
+    assert prov["model"] == str(model_dir) and prov["pixgen_version"]
+    png_prov = read_provenance(pngs[2])
+    assert png_prov["seed"] == 9 and png_prov["guidance"] == 2.0 and png_prov["condition"]
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.size[0] > 64 and sheet.size[1] > 64
+
+
+def test_generate_by_label_and_embeddings_file(model_dir, tmp_path):
+    import torch
+
+    from pixgen.embeddings import Embeddings, save_embeddings
+
+    assert main(["generate", "--model", str(model_dir), "--n", "2", "--label", "stroma", "--out", str(tmp_path / "a")]) == 0
+    assert read_provenance(tmp_path / "a" / "0001.png")["label"] == "stroma"
+    save_embeddings(tmp_path / "e.safetensors", Embeddings(torch.randn(1, 32), encoder="tiny-test"))
+    args = ["generate", "--model", str(model_dir), "--n", "1", "--embeddings", str(tmp_path / "e.safetensors")]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "0000.png").is_file()
+
+
+def test_info_describes_model(model_dir, capsys):
+    assert main(["info", str(model_dir), "--json"]) == 0
+    desc = json.loads(capsys.readouterr().out)
+    assert desc["encoder"] == "tiny-test" and desc["condition_dim"] == 32 and desc["prediction"] == "flow"
+    assert desc["image_size"] == 32 and desc["bank"] == {"stroma": 6, "tumour": 6}
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "pixgen.cli", "generate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pixgen: error:")]
+    assert len(lines) == 1 and "no model directory" in lines[0] and "fix:" in lines[0]
+
+
+def test_bad_label_error_names_the_choices(model_dir, tmp_path, capsys):
+    assert main(["generate", "--model", str(model_dir), "--label", "bone", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "unknown label 'bone'" in err and "stroma, tumour" in err
+    assert not (tmp_path / "x").exists()  # nothing half-written
