@@ -39,6 +39,7 @@ from pixgen.embeddings import EmbeddingBank, Embeddings
 from pixgen.errors import InputError, ModelLoadError
 from pixgen.io import load_image
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
+from pixgen.models.controlnet import PixgenControlNet, mask_to_pixels, per_image
 from pixgen.models.transformer import PixgenTransformer
 
 __all__ = ["Generator", "GenerationOutput", "default_scheduler", "SCHEDULERS"]
@@ -81,6 +82,7 @@ class Generator:
         transformer: the denoiser. vae: latents <-> images. scheduler: a diffusers scheduler.
         encoder: a loaded :class:`pixgen.encoders.Encoder`, or None to load it lazily by name.
         embedding_bank: label -> real-tile embeddings, for label-only generation.
+        controlnet: optional :class:`PixgenControlNet` steering generation with a cell mask.
         config: ``encoder`` (registry name), ``image_size``, ``mpp``, ``num_inference_steps``,
             ``guidance_scale`` and where the encoder weights live.
     """
@@ -93,8 +95,10 @@ class Generator:
         encoder=None,
         embedding_bank: EmbeddingBank | None = None,
         config: dict[str, Any] | None = None,
+        controlnet: PixgenControlNet | None = None,
     ):
         self.transformer = transformer
+        self.controlnet = controlnet
         self.vae = vae
         self.scheduler = scheduler or default_scheduler(transformer.config.prediction_type)
         self._encoder = encoder
@@ -145,7 +149,9 @@ class Generator:
                 config["encoder_path"] = str(encoder_path)
             elif config.get("encoder_path"):
                 config["encoder_path"] = str(root / config["encoder_path"])
-            gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config)
+            controlnet = PixgenControlNet.from_pretrained(root / "controlnet") if (root / "controlnet").is_dir() else None
+            gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
+                      controlnet=controlnet)
         gen._encoder_token = token
         return gen.to(device, dtype) if device or dtype else gen
 
@@ -155,6 +161,8 @@ class Generator:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(directory / "transformer")
+        if self.controlnet is not None:
+            self.controlnet.save_pretrained(directory / "controlnet")
         self.vae.save_pretrained(directory / "vae")
         self.scheduler.save_pretrained(directory / "scheduler")
         config = dict(self.config)
@@ -169,7 +177,7 @@ class Generator:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Generator:
         """Move every component (``dtype`` applies to transformer and VAE)."""
-        for module in (self.transformer, self.vae, self._encoder):
+        for module in (self.transformer, self.controlnet, self.vae, self._encoder):
             if module is not None:
                 module.to(device=device, dtype=dtype if module is not self._encoder else None)
         if device is not None and torch.device(device).type == "cuda":
@@ -225,6 +233,7 @@ class Generator:
             "num_inference_steps": self.config["num_inference_steps"],
             "guidance_scale": self.config["guidance_scale"],
             "bank": {k: int(v.shape[0]) for k, v in self.embedding_bank.entries.items()} if self.embedding_bank else None,
+            "controlnet": {"layers": self.controlnet.config.num_layers} if self.controlnet is not None else None,
         }
 
     # ------------------------------------------------------------------ conditioning
@@ -290,6 +299,8 @@ class Generator:
         output_type: str = "pil",
         batch_size: int = 8,
         progress: bool = True,
+        control_image: Any | None = None,
+        controlnet_conditioning_scale: float = 1.0,
     ) -> GenerationOutput:
         """Generate images.
 
@@ -303,6 +314,9 @@ class Generator:
             seed: image i uses seed ``seed + i``.
             output_type: ``"pil"``, ``"np"`` (uint8 NHWC), ``"pt"`` (float NCHW in [0, 1]) or ``"latent"``.
             batch_size: images per forward (memory only; results do not depend on it).
+            control_image: binary cell mask(s) of the output size, (H, W) uint8/bool (non-zero = cell):
+                one for all images, one per condition or one per image; needs a ``controlnet``.
+            controlnet_conditioning_scale: strength of the ControlNet residuals (0 = off).
 
         Example:
             >>> out = gen.generate(label="lung_aca", num_images=2, seed=1)  # doctest: +SKIP
@@ -318,12 +332,15 @@ class Generator:
         self.transformer.check_condition(cond.values)
         seeds = [None] * len(cond) if generator is not None else [(seed or 0) + i for i in range(len(cond))]
         noise = self._noise(len(cond), seeds, generator)
+        control = self._control_latents(control_image, len(cond) // num_images, num_images)
         latents = []
         chunks = range(0, len(cond), batch_size)
         bar = tqdm(total=len(chunks) * steps, desc="denoising", disable=not progress, unit="step")
         for start in chunks:
             sl = slice(start, start + batch_size)
-            latents.append(self._denoise(noise[sl], cond.values[sl].to(self.device, self.dtype), steps, guidance, bar))
+            ctrl = None if control is None else control[sl]
+            latents.append(self._denoise(noise[sl], cond.values[sl].to(self.device, self.dtype), steps, guidance, bar,
+                                         ctrl, controlnet_conditioning_scale))
         bar.close()
         latents = torch.cat(latents)
         images = latents if output_type == "latent" else self._decode(latents, output_type, batch_size)
@@ -337,7 +354,29 @@ class Generator:
             return randn_tensor((n, *shape), generator=generator, dtype=torch.float32)
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
-    def _denoise(self, x: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float, bar) -> torch.Tensor:
+    def _control_latents(self, control_image: Any, num_conditions: int, num_images: int) -> torch.Tensor | None:
+        """VAE latents of the control masks, one per output image (PixCell's mask encoding)."""
+        if control_image is None:
+            return None
+        if self.controlnet is None:
+            raise InputError("this model has no ControlNet, so control_image cannot be used",
+                             fix="load a model with a controlnet/ folder, e.g. PixCell-256-Cell-ControlNet")
+        pixels = mask_to_pixels(control_image, self.config["image_size"])  # (M, 3, H, W) in [-1, 1]
+        vae_dtype = next(self.vae.parameters(), torch.zeros((), dtype=self.dtype)).dtype
+        latents = self.vae.encode(pixels.to(self.device, vae_dtype)).to(self.dtype)
+        return per_image(latents, num_conditions, num_images)
+
+    def _control_residuals(self, model_in, t, cond, control, scale: float, use_cfg: bool) -> list[torch.Tensor] | None:
+        """ControlNet residuals for the conditional rows; unconditional CFG rows get none (as PixCell)."""
+        if control is None:
+            return None
+        n = control.shape[0]
+        res = self.controlnet(model_in[:n], t.expand(n).to(self.device), cond, control, conditioning_scale=scale)
+        samples = res.controlnet_block_samples
+        return [torch.cat([r, torch.zeros_like(r)]) for r in samples] if use_cfg else list(samples)
+
+    def _denoise(self, x: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float, bar,
+                 control: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
         """Run the scheduler loop for one chunk; CFG rows batched with the conditional ones."""
         x = x.to(self.device)
         self.scheduler.set_timesteps(steps, device=self.device)
@@ -355,6 +394,7 @@ class Generator:
                 t.expand(model_in.shape[0]).to(self.device),
                 torch.cat([cond, cond]) if use_cfg else cond,
                 drop_condition=drop if use_cfg else None,
+                controlnet_block_samples=self._control_residuals(model_in, t, cond, control, control_scale, use_cfg),
             ).sample.float()
             pred = pred[:, : self.vae.latent_channels]  # drop the learned-variance half, if any
             if use_cfg:

@@ -1,0 +1,254 @@
+"""ControlNet for :class:`PixgenTransformer`: a trainable copy of its first blocks steered by a mask.
+
+Reads top to bottom: patchify the noisy latents *and* the control latents (a VAE-encoded mask),
+add them, run ``num_layers`` transformer blocks copied from the base model, and send each block's
+output through a zero-initialised linear layer. The outputs are per-block residuals that
+:class:`PixgenTransformer` adds after its blocks (``controlnet_block_samples``).
+
+Module names are PixCell's (``PixCellControlNet`` in ``PixCell-256-Cell-ControlNet``): the copied
+families ``pos_embed``, ``adaln_single``, ``caption_projection``, ``y_pos_embed``,
+``transformer_blocks.i``, ``norm_out``, ``scale_shift_table``, ``proj_out`` (the last two are not
+used by the forward pass, but PixCell stores them, so they are kept for strict loading), plus
+``cond_pos_embed`` (patch embedding of the control latents, zero-initialised projection) and
+``controlnet_blocks.i`` (zero-initialised linear layers).
+
+Masks become control latents the way PixCell encodes them: a binary mask replicated to RGB,
+scaled to [-1, 1] and encoded by the VAE (posterior mean, SD3 scaling/shift), see
+:func:`mask_to_pixels`.
+
+Example:
+    >>> base = PixgenTransformer.from_preset("pixgen-tiny", caption_channels=32)
+    >>> cn = PixgenControlNet.from_transformer(base, num_layers=1)
+    >>> x, c, y = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 1, 32)
+    >>> [r.shape for r in cn(x, torch.tensor([10, 20]), y, c).controlnet_block_samples]
+    [torch.Size([2, 16, 32])]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import PatchEmbed
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from pixgen.errors import InputError, ModelLoadError
+from pixgen.models.transformer import PixgenTransformer
+
+__all__ = ["PixgenControlNet", "ControlNetOutput", "mask_to_pixels", "per_image"]
+
+
+@dataclass
+class ControlNetOutput(BaseOutput):
+    """``controlnet_block_samples``: one (B, N, D) residual per copied block, in block order."""
+
+    controlnet_block_samples: tuple[torch.Tensor, ...]
+
+
+class PixgenControlNet(PixgenTransformer):
+    """A ControlNet over a :class:`PixgenTransformer` (same config fields, see there).
+
+    Args:
+        num_layers: how many transformer blocks are copied (and how many residuals come out);
+            PixCell-256-Cell-ControlNet uses the first 27 of 28.
+        conditioning_channels: channels of the control latents (default: ``in_channels``, a mask
+            encoded by the model's own VAE).
+        Other arguments: as :class:`PixgenTransformer`.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        num_layers: int = 28,
+        dropout: float = 0.0,
+        attention_bias: bool = True,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        activation_fn: str = "gelu-approximate",
+        num_embeds_ada_norm: int = 1000,
+        norm_eps: float = 1e-6,
+        interpolation_scale: float | None = None,
+        caption_channels: int = 1536,
+        caption_num_tokens: int = 1,
+        condition_pos_embed: bool | None = None,
+        prediction_type: str = "flow",
+        encoder_name: str | None = None,
+        conditioning_channels: int | None = None,
+    ):
+        super().__init__(
+            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+            in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, dropout=dropout,
+            attention_bias=attention_bias, sample_size=sample_size, patch_size=patch_size,
+            activation_fn=activation_fn, num_embeds_ada_norm=num_embeds_ada_norm, norm_eps=norm_eps,
+            interpolation_scale=interpolation_scale, caption_channels=caption_channels,
+            caption_num_tokens=caption_num_tokens, condition_pos_embed=condition_pos_embed,
+            prediction_type=prediction_type, encoder_name=encoder_name,
+        )
+        inner = self.inner_dim
+        # Same patching (and fixed sin-cos table) as `pos_embed`; only the projection learns.
+        self.cond_pos_embed = PatchEmbed(
+            height=sample_size,
+            width=sample_size,
+            patch_size=patch_size,
+            in_channels=conditioning_channels or in_channels,
+            embed_dim=inner,
+            interpolation_scale=self.pos_embed.interpolation_scale,
+        )
+        self.controlnet_blocks = nn.ModuleList(nn.Linear(inner, inner) for _ in range(num_layers))
+        self._zero_init_control()
+
+    def _zero_init_control(self) -> None:
+        """Zero the new projections: a fresh ControlNet leaves the base model's output unchanged."""
+        for module in (self.cond_pos_embed.proj, *self.controlnet_blocks):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_transformer(
+        cls, transformer: PixgenTransformer, num_layers: int | None = None, conditioning_channels: int | None = None
+    ) -> PixgenControlNet:
+        """Start a ControlNet from a trained transformer: copy its first ``num_layers`` blocks and
+        all shared modules; the control projections start at zero.
+
+        Example:
+            >>> cn = PixgenControlNet.from_transformer(gen.transformer, num_layers=27)  # doctest: +SKIP
+        """
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        depth = config["num_layers"] if num_layers is None else num_layers
+        if not 1 <= depth <= config["num_layers"]:
+            raise InputError(f"num_layers must be in 1..{config['num_layers']}, got {depth}")
+        controlnet = cls(**{**config, "num_layers": depth, "conditioning_channels": conditioning_channels})
+        base_state = transformer.state_dict()
+        own = controlnet.state_dict()
+        copied = {k: v for k, v in base_state.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in copied and not k.startswith(("cond_pos_embed.", "controlnet_blocks."))]
+        if missing:
+            raise ModelLoadError(f"cannot copy {missing[:3]} from the transformer", fix="use a PixgenTransformer base")
+        controlnet.load_state_dict(copied, strict=False)
+        controlnet.to(transformer.device)
+        return controlnet if transformer.dtype == controlnet.dtype else controlnet.to(dtype=transformer.dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        drop_condition: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> ControlNetOutput | tuple[tuple[torch.Tensor, ...]]:
+        """Per-block residuals for the base transformer.
+
+        Args:
+            hidden_states: (B, C, H, W) noisy latents (what the base model sees).
+            timestep: (B,) or scalar diffusion step.
+            encoder_hidden_states: (B, T, Dc) condition tokens in the encoder's space.
+            controlnet_cond: (B, C_cond, H, W) control latents (e.g. a VAE-encoded cell mask).
+            conditioning_scale: multiplies every residual (0 switches the ControlNet off).
+            drop_condition: (B,) bool; True rows use the null condition tokens.
+        """
+        self.check_condition(encoder_hidden_states)
+        if controlnet_cond.shape[-2:] != hidden_states.shape[-2:]:
+            raise InputError(
+                f"control latents are {tuple(controlnet_cond.shape[-2:])}, latents {tuple(hidden_states.shape[-2:])}",
+                fix="pass a mask of the output image's size",
+            )
+        batch = hidden_states.shape[0]
+        x = self.pos_embed(hidden_states) + self.cond_pos_embed(controlnet_cond.to(hidden_states.dtype))  # (B, N, D)
+        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        t_mod, _ = self.adaln_single(timestep, batch_size=batch, hidden_dtype=x.dtype)  # (B, 6D)
+        y = self._project_condition(encoder_hidden_states, drop_condition, x.dtype)  # (B, T, D)
+        residuals = []
+        for block, zero_linear in zip(self.transformer_blocks, self.controlnet_blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, None, y, None, t_mod)
+            else:
+                x = block(x, encoder_hidden_states=y, timestep=t_mod)
+            residuals.append(zero_linear(x) * conditioning_scale)  # (B, N, D)
+        out = tuple(residuals)
+        return ControlNetOutput(controlnet_block_samples=out) if return_dict else (out,)
+
+    def _project_condition(self, tokens: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Condition tokens -> (B, T, D): null rows, grid position embedding, projection (as the base)."""
+        if drop is not None:
+            null = self.null_condition(tokens.shape[0], tokens.shape[1]).to(tokens.dtype)
+            tokens = torch.where(drop[:, None, None], null, tokens)
+        if self.y_pos_embed is not None:
+            tokens = self.y_pos_embed(tokens)
+        return self.caption_projection(tokens.to(dtype))
+
+
+def mask_to_pixels(masks: Any, size: int) -> torch.Tensor:
+    """Binary cell masks -> (N, 3, size, size) float images in [-1, 1], ready for the VAE.
+
+    Accepts one mask or a sequence of masks: arrays / tensors (H, W), (H, W, 1|3) or (N, H, W) of
+    bool or integers (0 background; any non-zero value, e.g. 1, 255 or an instance id, is a cell),
+    or PIL images. This is PixCell's encoding: a 0/255 mask replicated to RGB, scaled to [0, 1]
+    and then to [-1, 1].
+
+    Example:
+        >>> mask_to_pixels(np.eye(8, dtype=np.uint8), 8).shape
+        torch.Size([1, 3, 8, 8])
+    """
+    arrays = [_mask_array(m) for m in _as_list(masks)]
+    if not arrays:
+        raise InputError("control_image is empty", fix="pass a binary mask (H, W) per image, or one for all")
+    for arr in arrays:
+        if arr.shape != (size, size):
+            raise InputError(
+                f"control mask is {arr.shape[0]}x{arr.shape[1]}, the model makes {size}x{size} images",
+                fix=f"pass a {size}x{size} mask (crop or resize it with nearest-neighbour interpolation)",
+            )
+    binary = torch.from_numpy(np.stack(arrays)).float()  # (N, H, W) in {0, 1}
+    return (binary * 2 - 1)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def _as_list(masks: Any) -> list[Any]:
+    if isinstance(masks, (list, tuple)):
+        return list(masks)
+    arr = np.asarray(masks.detach().cpu() if isinstance(masks, torch.Tensor) else masks)
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 3):  # (N, H, W) stack
+        return list(arr)
+    return [arr]
+
+
+def _mask_array(mask: Any) -> np.ndarray:
+    """One mask -> (H, W) uint8 in {0, 1}; colour masks count a pixel as cell if any channel is set."""
+    arr = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3):
+        arr = arr.any(axis=-1)
+    if arr.ndim != 2:
+        raise InputError(f"a control mask must be (H, W) or (H, W, 1|3), got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError("control mask contains NaN or Inf", fix="pass a binary uint8 / bool mask")
+    return (arr > 0).astype(np.uint8)
+
+
+def per_image(values: torch.Tensor, num_conditions: int, num_images: int) -> torch.Tensor:
+    """Rows for every output image from one row for all, one per condition (repeated
+    ``num_images`` times, like the conditions) or one per output image.
+
+    Example:
+        >>> per_image(torch.zeros(2, 3), num_conditions=2, num_images=3).shape
+        torch.Size([6, 3])
+    """
+    total = num_conditions * num_images
+    if values.shape[0] == 1:
+        return values.expand(total, *values.shape[1:])
+    if values.shape[0] == num_conditions:
+        return values.repeat_interleave(num_images, 0)
+    if values.shape[0] == total:
+        return values
+    raise InputError(
+        f"got {values.shape[0]} control masks for {num_conditions} conditions x {num_images} images",
+        fix="pass one mask, one per condition, or one per output image",
+    )
