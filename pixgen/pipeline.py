@@ -84,7 +84,8 @@ class Generator:
         embedding_bank: label -> real-tile embeddings, for label-only generation.
         controlnet: optional :class:`PixgenControlNet` steering generation with a cell mask.
         config: ``encoder`` (registry name), ``image_size``, ``mpp``, ``num_inference_steps``,
-            ``guidance_scale`` and where the encoder weights live.
+            ``guidance_scale``, and ``encoder_path`` (``"encoder"`` when the encoder's weights are
+            saved inside the model directory; None for hub encoders such as UNI2-h).
     """
 
     def __init__(
@@ -114,6 +115,8 @@ class Generator:
             **(config or {}),
         }
         self._encoder_token: str | None = None
+        self._encoder_override: str | None = None  # local weights given at load time, not saved
+        self._root: Path | None = None  # where the model was loaded from
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -145,13 +148,11 @@ class Generator:
             vae = load_autoencoder(vae_path or root / "vae", token=token, local_files_only=local_files_only)
             scheduler = _load_scheduler(root / "scheduler")
             config = {k: v for k, v in index.items() if not k.startswith("_")}
-            if encoder_path:
-                config["encoder_path"] = str(encoder_path)
-            elif config.get("encoder_path"):
-                config["encoder_path"] = str(root / config["encoder_path"])
             controlnet = PixgenControlNet.from_pretrained(root / "controlnet") if (root / "controlnet").is_dir() else None
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
                       controlnet=controlnet)
+        gen._root = root
+        gen._encoder_override = str(encoder_path) if encoder_path else None
         gen._encoder_token = token
         return gen.to(device, dtype) if device or dtype else gen
 
@@ -166,8 +167,8 @@ class Generator:
         self.vae.save_pretrained(directory / "vae")
         self.scheduler.save_pretrained(directory / "scheduler")
         config = dict(self.config)
-        if self._encoder is not None and config.get("encoder_path"):
-            self._encoder.save_pretrained(directory / "encoder")
+        if config.get("encoder_path"):  # the encoder belongs to the model (bundled / trained with it)
+            self.encoder.save_pretrained(directory / "encoder")
             config["encoder_path"] = "encoder"
         if self.embedding_bank is not None:
             self.embedding_bank.save(directory)
@@ -204,7 +205,9 @@ class Generator:
                 )
             from pixgen.encoders import load_encoder
 
-            path = self.config.get("encoder_path")
+            path = self._encoder_override
+            if path is None and self.config.get("encoder_path") and self._root is not None:
+                path = str(self._root / self.config["encoder_path"])
             if path and (Path(path) / "pixgen_encoder.json").is_file():  # saved with the model
                 self._encoder = load_encoder(str(path), device=self.device)
             else:  # registry name, optionally with local weights (offline clusters, gated hubs)

@@ -18,9 +18,24 @@ from pixgen.models.autoencoders import Autoencoder
 from pixgen.models.transformer import PixgenTransformer
 from pixgen.pipeline import Generator
 
-__all__ = ["tiny_transformer", "tiny_autoencoder", "tiny_generator", "TINY_ENCODER_DIM"]
+__all__ = ["tiny_transformer", "tiny_autoencoder", "tiny_encoder", "tiny_generator", "save_tiny_model", "TINY_ENCODER_DIM"]
 
 TINY_ENCODER_DIM = 32
+
+
+def tiny_encoder(seed: int = 0):
+    """A random 1-layer timm ViT (32-d CLS, 32 px input) named ``tiny-test``, not registered."""
+    import timm
+
+    from pixgen.encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, TimmEncoder
+
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=8, embed_dim=TINY_ENCODER_DIM, depth=1, num_heads=2, num_classes=0)
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    spec = EncoderSpec(name="tiny-test", dim=TINY_ENCODER_DIM, input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       mpp=0.5, source="local", library="timm", description="random weights, for tests only")
+    hub_config = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "model_args": args}
+    return TimmEncoder(spec, backbone, hub_config).eval()
 
 
 def tiny_transformer(seed: int = 0, **overrides) -> PixgenTransformer:
@@ -50,8 +65,9 @@ def tiny_autoencoder(seed: int = 0) -> Autoencoder:
     return Autoencoder(vae.eval())
 
 
-def tiny_generator(seed: int = 0, encoder=None, bank: bool = True, **transformer_overrides) -> Generator:
-    """A complete 32x32-pixel Generator: tiny transformer, f4 VAE, optional encoder and bank."""
+def tiny_generator(seed: int = 0, encoder: bool = True, bank: bool = True, **transformer_overrides) -> Generator:
+    """A complete 32x32-pixel Generator: tiny transformer, f4 VAE, tiny encoder (saved with the
+    model), and an embedding bank with labels ``tumour`` and ``stroma``."""
     transformer = tiny_transformer(seed, **transformer_overrides)
     dim = transformer.config.caption_channels
     gen_bank = None
@@ -61,8 +77,9 @@ def tiny_generator(seed: int = 0, encoder=None, bank: bool = True, **transformer
             {"tumour": torch.randn(6, 1, dim, generator=g), "stroma": torch.randn(6, 1, dim, generator=g)},
             encoder=transformer.config.encoder_name,
         )
-    return Generator(transformer, tiny_autoencoder(seed), encoder=encoder, embedding_bank=gen_bank,
-                     config={"guidance_scale": 2.0, "num_inference_steps": 3, "mpp": 0.5})
+    config = {"guidance_scale": 2.0, "num_inference_steps": 3, "mpp": 0.5, "encoder_path": "encoder" if encoder else None}
+    return Generator(transformer, tiny_autoencoder(seed), encoder=tiny_encoder(seed) if encoder else None,
+                     embedding_bank=gen_bank, config=config)
 
 
 def save_tiny_model(directory: str | Path, seed: int = 0, **kwargs) -> Path:

@@ -96,6 +96,29 @@ def test_save_load_generates_bit_identical(gen, tmp_path):
     assert loaded.describe()["bank"] == {"stroma": 6, "tumour": 6}
 
 
+def test_reference_images_are_embedded_by_the_model_encoder(gen, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"ref{i}.png")
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(paths[-1])
+    out = gen.generate(reference=paths, num_images=2, num_inference_steps=STEPS, output_type="np", progress=False)
+    assert out.images.shape == (4, 32, 32, 3)
+    assert out.condition_ids == [str(paths[0])] * 2 + [str(paths[1])] * 2
+    assert out.conditions.encoder == "tiny-test"
+    torch.testing.assert_close(out.conditions.values[0, 0], gen.encoder.embed([Image.open(paths[0])])[0])
+
+
+def test_encoder_is_saved_with_the_model_and_reloaded(gen, tmp_path):
+    gen.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "encoder" / "pixgen_encoder.json").is_file()
+    loaded = Generator.from_pretrained(tmp_path / "m")
+    img = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    torch.testing.assert_close(loaded.encoder.embed([img]), gen.encoder.embed([img]))
+
+
 def test_label_generation_from_bank(gen):
     out = gen.generate(label="tumour", num_images=3, num_inference_steps=STEPS, output_type="np", progress=False)
     assert out.images.shape[0] == 3 and all(i.startswith("tumour[") for i in out.condition_ids)
