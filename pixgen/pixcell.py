@@ -1,0 +1,498 @@
+"""Run the published PixCell checkpoints (Stony Brook CVLab, 2025) as pixgen Generators.
+
+``Generator.from_pretrained`` routes a folder whose ``transformer/config.json`` names
+``PixCellTransformer2DModel`` here (see :mod:`pixgen.formats`). What happens:
+
+* the PixCell transformer config is translated field by field into a :class:`PixgenTransformer`
+  config (:func:`pixcell_to_pixgen_config`; unknown fields or unsupported values are refused),
+  and the safetensors are loaded strictly: every published key is consumed, none is missing
+  (:func:`load_strict`);
+* a ``controlnet/`` folder (``PixCell-256-Cell-ControlNet``) becomes a :class:`PixgenControlNet`;
+* the scheduler is PixCell's own ``scheduler_config.json`` (DPM-Solver++, order 2, linear betas);
+* the VAE is SD3.5's: ``vae_path``, else the checkpoint's own ``vae/`` when it holds weights (the
+  ControlNet repo bundles it), else ``stabilityai/stable-diffusion-3.5-large`` (subfolder ``vae``);
+* the encoder is the ``uni2-h`` registry entry (``encoder_path`` for local weights); PixCell-1024
+  takes a 4x4 grid of UNI2-h tokens, one per 256-px tile of a 1024-px reference.
+
+Guidance: pixgen's convention is ``pred = uncond + w * (cond - uncond)``. PixCell's scripts use
+it too, except ``tools/sample_4k.py``, which forms ``(w + 1) * cond - w * uncond``; convert with
+:func:`pixcell_guidance_to_pixgen`.
+
+Example:
+    >>> gen = Generator.from_pretrained("StonyBrook-CVLab/PixCell-256", token="hf_...")   # doctest: +SKIP
+    >>> gen = Generator.from_pretrained("/models/PixCell-1024", vae_path="/models/sd35/vae",
+    ...                                 encoder_path="/models/UNI2-h")                     # doctest: +SKIP
+    >>> gen.generate(reference=["tile_1024.png"], num_images=2).images                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from pixgen.errors import InputError, ModelLoadError
+from pixgen.models.autoencoders import Autoencoder, load_autoencoder
+from pixgen.models.controlnet import PixgenControlNet
+from pixgen.models.transformer import PixgenTransformer
+
+__all__ = [
+    "load_pixcell",
+    "pixcell_to_pixgen_config",
+    "pixcell_controlnet_to_pixgen_config",
+    "pixcell_guidance_to_pixgen",
+    "load_strict",
+    "PIXCELL_256_TRANSFORMER",
+    "PIXCELL_1024_TRANSFORMER",
+    "PIXCELL_CONTROLNET_TRANSFORMER",
+    "PIXCELL_CONTROLNET",
+    "PIXCELL_SCHEDULER",
+    "PIXCELL_MODEL_INDEX",
+    "PIXCELL_CONTROLNET_MODEL_INDEX",
+    "SD35_VAE",
+    "HUB_IDS",
+]
+
+HUB_IDS = {
+    "PixCell-256": "StonyBrook-CVLab/PixCell-256",
+    "PixCell-1024": "StonyBrook-CVLab/PixCell-1024",
+    "PixCell-256-Cell-ControlNet": "StonyBrook-CVLab/PixCell-256-Cell-ControlNet",
+}
+SD35_VAE = ("stabilityai/stable-diffusion-3.5-large", "vae")  # PixCell does not host these weights
+SD35_VAE_FACTORS = (1.5305, 0.0609)  # scaling_factor, shift_factor of the SD3.5 VAE config
+ENCODER = "uni2-h"
+MPP = 0.5  # PixCell trains on 20x tiles ("pixart_20x_*" configs)
+NUM_INFERENCE_STEPS = 20
+# pixgen convention (uncond + w (cond - uncond)), keyed by condition tokens: 1 -> PixCell-256
+# (tools/sample_256.py default 2), 16 -> PixCell-1024 (1.2).
+DEFAULT_GUIDANCE = {1: 2.0, 16: 1.2}
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+# ---------------------------------------------------------------------------------------------
+# Published files, as data. Sources: the Hub file listings of the three repos (file sizes), the
+# config dicts copied into public scripts that load PixCell-1024 (cvlab-stonybrook/PixCell
+# virtual_staining/*.py), configs/pan_cancer/pixcell_{256,1024}_inference.py (pe_interpolation
+# 0.5 / 2.0, 1 / 16 tokens) and controlnet/*.py (class and argument names). Values not visible
+# in those sources were chosen so that the JSON diffusers writes has exactly the published byte
+# size (transformer 862 B for PixCell-256, scheduler 828 B, model_index 285 B / 386 B); the
+# `_name_or_path` strings only matter for that size.
+# ---------------------------------------------------------------------------------------------
+PIXCELL_1024_TRANSFORMER: dict[str, Any] = {
+    "_class_name": "PixCellTransformer2DModel",
+    "_diffusers_version": "0.32.2",
+    "_name_or_path": "pixart_1024/transformer",
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "attention_head_dim": 72,
+    "attention_type": "default",
+    "caption_channels": 1536,
+    "caption_num_tokens": 16,
+    "cross_attention_dim": 1152,
+    "double_self_attention": False,
+    "dropout": 0.0,
+    "in_channels": 16,
+    "interpolation_scale": 2,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "norm_type": "ada_norm_single",
+    "num_attention_heads": 16,
+    "num_embeds_ada_norm": 1000,
+    "num_layers": 28,
+    "num_vector_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 32,
+    "patch_size": 2,
+    "sample_size": 128,
+    "upcast_attention": False,
+    "use_additional_conditions": False,
+    "use_linear_projection": False,
+}
+PIXCELL_256_TRANSFORMER: dict[str, Any] = {
+    **PIXCELL_1024_TRANSFORMER,
+    "_name_or_path": "pixart_256/transformer",
+    "caption_num_tokens": 1,
+    "interpolation_scale": 0.5,
+    "sample_size": 32,
+}
+# transformer/config.json of PixCell-256-Cell-ControlNet (class from its model_index.json).
+PIXCELL_CONTROLNET_TRANSFORMER: dict[str, Any] = {
+    **{k: v for k, v in PIXCELL_256_TRANSFORMER.items() if k not in ("double_self_attention", "num_vector_embeds",
+                                                                      "only_cross_attention", "use_linear_projection")},
+    "_class_name": "PixCellTransformer2DModelControlNet",
+}
+# controlnet/config.json: PixCellControlNet's arguments; 27 blocks as in PixCell's controlnet/train.py
+# (27 copied blocks + 27 zero linears make the ~622 M parameters quoted for it).
+PIXCELL_CONTROLNET: dict[str, Any] = {
+    **PIXCELL_CONTROLNET_TRANSFORMER,
+    "_class_name": "PixCellControlNet",
+    "n_controlnet_blocks": 27,
+}
+PIXCELL_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "_diffusers_version": "0.32.2",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "flow_shift": 1.0,
+    "lambda_min_clipped": float("-inf"),
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 0,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+    "use_beta_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_flow_sigmas": False,
+    "use_karras_sigmas": False,
+    "use_lu_lambdas": False,
+    "variance_type": None,
+}
+PIXCELL_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "PixCellPipeline",
+    "_diffusers_version": "0.32.2",
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    "transformer": ["pixcell_transformer_2d", "PixCellTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+PIXCELL_CONTROLNET_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "PixCellControlNetPipeline",
+    "_diffusers_version": "0.32.2",
+    "controlnet": ["pixcell_controlnet", "PixCellControlNet"],
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    "transformer": ["pixcell_controlnet_transformer", "PixCellTransformer2DModelControlNet"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+# ---------------------------------------------------------------------------------------------
+# Config translation: every PixCell field is copied, checked, or ignored for a stated reason.
+# ---------------------------------------------------------------------------------------------
+TRANSFORMER_CLASSES = ("PixCellTransformer2DModel", "PixCellTransformer2DModelControlNet")
+PIPELINE_CLASSES = ("PixCellPipeline", "PixCellControlNetPipeline")
+COMPONENTS = ("transformer", "scheduler", "vae", "controlnet")
+
+# PixCellTransformer2DModel.__init__ defaults (used when a config omits a field).
+PIXCELL_DEFAULTS: dict[str, Any] = {
+    "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8, "num_layers": 28,
+    "dropout": 0.0, "norm_num_groups": 32, "cross_attention_dim": 1152, "attention_bias": True, "sample_size": 128,
+    "patch_size": 2, "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "upcast_attention": False,
+    "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6, "interpolation_scale": None,
+    "use_additional_conditions": None, "caption_channels": None, "caption_num_tokens": 1, "attention_type": "default",
+    # Transformer2DModel leftovers that PixCell's class ignores (present in its configs)
+    "double_self_attention": False, "num_vector_embeds": None, "only_cross_attention": False,
+    "use_linear_projection": False,
+}
+# Copied unchanged into PixgenTransformer (same meaning, same name).
+COPIED = (
+    "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "dropout",
+    "attention_bias", "sample_size", "patch_size", "activation_fn", "num_embeds_ada_norm", "norm_eps",
+    "interpolation_scale", "caption_channels", "caption_num_tokens",
+)
+# Accepted only with the value(s) pixgen's blocks implement.
+FIXED = {
+    "norm_type": ("ada_norm_single",),
+    "norm_elementwise_affine": (False,),
+    "upcast_attention": (False,),
+    "attention_type": ("default", None),
+    "double_self_attention": (False,),
+    "num_vector_embeds": (None,),
+    "only_cross_attention": (False,),
+    "use_linear_projection": (False,),
+}
+# Checked against other fields (see _check_derived).
+DERIVED = ("cross_attention_dim", "use_additional_conditions")
+# Ignored, with the reason.
+IGNORED = {"norm_num_groups": "only used by group-norm blocks; ada_norm_single blocks have none"}
+CONTROLNET_ONLY = ("n_controlnet_blocks",)
+
+# Buffers computed from the config; loaded and checked when a checkpoint carries them, recomputed
+# when it does not.
+DERIVED_BUFFERS = ("y_pos_embed.y_pos_embed",)
+
+GUIDANCE_CONVENTIONS = {
+    "w": "uncond + w * (cond - uncond): tools/sample_256.py and tools/sample_1024.py (DPM-Solver "
+         "model_wrapper), PixArt forward_with_cfg, the diffusers PixCell pipelines",
+    "w+1": "(w + 1) * cond - w * uncond: tools/sample_4k.py",
+}
+
+
+def pixcell_to_pixgen_config(published: dict[str, Any], encoder: str = ENCODER) -> dict[str, Any]:
+    """Translate a PixCell transformer ``config.json`` into :class:`PixgenTransformer` arguments.
+
+    Every field is copied (``COPIED``), required to hold a supported value (``FIXED``), checked
+    against the others (``DERIVED``) or ignored for a stated reason (``IGNORED``); a field pixgen
+    does not know raises :class:`ModelLoadError`. The result predicts epsilon with learned
+    variance and conditions on ``encoder`` tokens.
+
+    Example:
+        >>> cfg = pixcell_to_pixgen_config(PIXCELL_1024_TRANSFORMER)
+        >>> cfg["caption_num_tokens"], cfg["condition_pos_embed"], cfg["out_channels"]
+        (16, True, 32)
+    """
+    _refuse_unknown(published, extra=())
+    cfg = {**PIXCELL_DEFAULTS, **{k: v for k, v in published.items() if not k.startswith("_")}}
+    for key, allowed in FIXED.items():
+        if cfg[key] not in allowed:
+            _refuse(f"{key}={cfg[key]!r}", f"pixgen implements only {key} in {allowed}")
+    _check_derived(cfg)
+    tokens = int(cfg["caption_num_tokens"])
+    return {
+        **{key: cfg[key] for key in COPIED},
+        "condition_pos_embed": tokens > 1,  # PixCell: UNIPosEmbed exactly when there is a grid of tokens
+        "prediction_type": "epsilon",
+        "encoder_name": encoder,
+    }
+
+
+def pixcell_controlnet_to_pixgen_config(published: dict[str, Any], encoder: str = ENCODER) -> dict[str, Any]:
+    """Translate PixCell's ``controlnet/config.json`` into :class:`PixgenControlNet` arguments:
+    the transformer fields as :func:`pixcell_to_pixgen_config`, ``n_controlnet_blocks`` copied
+    blocks, control latents with ``in_channels`` channels (PixCell's ``cond_pos_embed``)."""
+    _refuse_unknown(published, extra=CONTROLNET_ONLY)
+    base = pixcell_to_pixgen_config({k: v for k, v in published.items() if k not in CONTROLNET_ONLY}, encoder)
+    blocks = published.get("n_controlnet_blocks")
+    blocks = base["num_layers"] if blocks is None else min(int(blocks), base["num_layers"])
+    return {**base, "num_layers": blocks, "conditioning_channels": base["in_channels"]}
+
+
+def _check_derived(cfg: dict[str, Any]) -> None:
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    if cfg["cross_attention_dim"] not in (None, width):
+        _refuse(f"cross_attention_dim={cfg['cross_attention_dim']}", f"captions are projected to the width {width}")
+    extra_cond = cfg["use_additional_conditions"]
+    if extra_cond is None:  # PixCell's rule: resolution/aspect embedders exactly at sample_size 128
+        extra_cond = cfg["sample_size"] == 128
+    if extra_cond:
+        _refuse("use_additional_conditions=True", "pixgen has no resolution/aspect-ratio embedders")
+    if cfg["caption_channels"] is None:
+        _refuse("caption_channels=None", "PixCell models condition on UNI2-h tokens")
+    if cfg["out_channels"] != 2 * cfg["in_channels"]:
+        _refuse(f"out_channels={cfg['out_channels']}", "PixCell predicts epsilon + variance (2 x in_channels)")
+    side = round(int(cfg["caption_num_tokens"]) ** 0.5)
+    if side * side != cfg["caption_num_tokens"]:
+        _refuse(f"caption_num_tokens={cfg['caption_num_tokens']}", "tokens form a square grid")
+
+
+def _refuse_unknown(published: dict[str, Any], extra: tuple[str, ...]) -> None:
+    known = set(PIXCELL_DEFAULTS) | set(extra)
+    unknown = sorted(k for k in published if not k.startswith("_") and k not in known)
+    if unknown:
+        _refuse(f"unknown config field(s) {unknown}", "this pixgen version knows the published PixCell configs only")
+
+
+def _refuse(what: str, why: str) -> None:
+    raise ModelLoadError(
+        f"unsupported PixCell config: {what} ({why})",
+        fix="use a published PixCell checkpoint, or convert the model with pixgen's own layout",
+    )
+
+
+def pixcell_guidance_to_pixgen(w: float, convention: str) -> float:
+    """A PixCell guidance value in pixgen's convention ``pred = uncond + w (cond - uncond)``.
+
+    ``"w"``: PixCell's DPM-Solver scripts and pipelines use pixgen's convention (unchanged).
+    ``"w+1"``: ``tools/sample_4k.py`` forms ``(w + 1) cond - w uncond``, i.e. pixgen ``w + 1``.
+
+    Example:
+        >>> pixcell_guidance_to_pixgen(2.0, "w+1")
+        3.0
+    """
+    if convention not in GUIDANCE_CONVENTIONS:
+        raise InputError(f"unknown guidance convention {convention!r}", fix=f"use one of {list(GUIDANCE_CONVENTIONS)}")
+    return float(w) + (1.0 if convention == "w+1" else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def load_pixcell(
+    root: str | Path,
+    index: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    vae_path: str | Path | None = None,
+    encoder_path: str | Path | None = None,
+    local_files_only: bool | None = None,
+):
+    """A :class:`~pixgen.pipeline.Generator` from a PixCell checkpoint folder (Hub layout).
+
+    Args:
+        root: folder with ``transformer/``, ``scheduler/`` (and ``controlnet/``, ``vae/``).
+        index: its ``model_index.json`` (read when None).
+        token, local_files_only: for fetching the SD3.5 VAE from the Hub.
+        vae_path: local SD3.5 VAE folder (``.../vae`` or the SD3.5 snapshot holding ``vae/``).
+        encoder_path: local UNI2-h weights (registry name ``uni2-h``) or a saved pixgen encoder.
+
+    Example:
+        >>> gen = load_pixcell("/models/PixCell-256", vae_path="/models/sd35-vae")  # doctest: +SKIP
+    """
+    from pixgen.pipeline import Generator
+
+    root = Path(root)
+    index = _read_json(root / "model_index.json") if index is None else index
+    _check_index(index, root)
+    transformer = load_pixcell_transformer(root / "transformer")
+    controlnet = load_pixcell_controlnet(root / "controlnet") if "controlnet" in index else None
+    scheduler = load_pixcell_scheduler(root / "scheduler")
+    vae = load_pixcell_vae(root, vae_path, token=token, local_files_only=local_files_only)
+    _check_vae(vae, transformer)
+    tokens = transformer.config.caption_num_tokens
+    config = {
+        "encoder": ENCODER,
+        "encoder_path": None,  # UNI2-h lives on the Hub (gated), never inside the model folder
+        "image_size": transformer.config.sample_size * vae.downsample_factor,
+        "mpp": MPP,
+        "num_inference_steps": NUM_INFERENCE_STEPS,
+        "guidance_scale": DEFAULT_GUIDANCE.get(tokens, 1.0),
+        "origin": index.get("_class_name", "PixCellPipeline"),
+    }
+    gen = Generator(transformer, vae, scheduler, config=config, controlnet=controlnet)
+    gen._root, gen._encoder_token = root, token  # as Generator.from_pretrained sets them
+    gen._encoder_override = str(encoder_path) if encoder_path else None  # local UNI2-h weights, not saved
+    return gen
+
+
+def load_pixcell_transformer(directory: Path) -> PixgenTransformer:
+    """PixCell ``transformer/`` -> :class:`PixgenTransformer`, weights loaded strictly."""
+    published = _read_json(directory / "config.json")
+    if published.get("_class_name") not in TRANSFORMER_CLASSES:
+        raise ModelLoadError(
+            f"{directory} holds {published.get('_class_name')!r}, not a PixCell transformer",
+            fix=f"point at a checkpoint whose transformer is one of {TRANSFORMER_CLASSES}",
+        )
+    model = PixgenTransformer(**pixcell_to_pixgen_config(published))
+    load_strict(model, read_weights(directory), directory)
+    return model.eval()
+
+
+def load_pixcell_controlnet(directory: Path) -> PixgenControlNet:
+    """PixCell ``controlnet/`` -> :class:`PixgenControlNet`, weights loaded strictly."""
+    published = _read_json(directory / "config.json")
+    model = PixgenControlNet(**pixcell_controlnet_to_pixgen_config(published))
+    load_strict(model, read_weights(directory), directory)
+    return model.eval()
+
+
+def load_pixcell_scheduler(directory: Path) -> DPMSolverMultistepScheduler:
+    """PixCell's ``scheduler_config.json``; an epsilon DPM-Solver is required."""
+    published = _read_json(directory / "scheduler_config.json")
+    if published.get("_class_name") != "DPMSolverMultistepScheduler" or published.get("prediction_type") != "epsilon":
+        raise ModelLoadError(
+            f"{directory}: expected an epsilon DPMSolverMultistepScheduler, got "
+            f"{published.get('_class_name')} / {published.get('prediction_type')}",
+            fix="restore the published scheduler/scheduler_config.json",
+        )
+    return DPMSolverMultistepScheduler.from_config(published)
+
+
+def load_pixcell_vae(
+    root: Path, vae_path: str | Path | None, token: str | None = None, local_files_only: bool | None = None
+) -> Autoencoder:
+    """The SD3.5 VAE: ``vae_path``, else ``root/vae`` when it holds weights, else the Hub."""
+    if vae_path is not None:
+        path = Path(vae_path)
+        nested = path / SD35_VAE[1]
+        if not (path / "config.json").is_file() and (nested / "config.json").is_file():
+            path = nested  # the SD3.5 snapshot folder was given
+        return load_autoencoder(path)
+    if _has_weights(root / "vae"):
+        return load_autoencoder(root / "vae")
+    return load_autoencoder(SD35_VAE[0], subfolder=SD35_VAE[1], token=token, local_files_only=local_files_only)
+
+
+def _check_vae(vae: Autoencoder, transformer: PixgenTransformer) -> None:
+    if vae.latent_channels != transformer.config.in_channels:
+        raise ModelLoadError(
+            f"the VAE has {vae.latent_channels} latent channels, PixCell expects {transformer.config.in_channels}",
+            fix=f"use the SD3.5 VAE ({SD35_VAE[0]}, subfolder {SD35_VAE[1]})",
+        )
+    cfg = vae.model.config
+    factors = (float(getattr(cfg, "scaling_factor", 0.0)), float(getattr(cfg, "shift_factor", None) or 0.0))
+    if factors != SD35_VAE_FACTORS:
+        warnings.warn(
+            f"VAE scaling/shift {factors} differ from SD3.5's {SD35_VAE_FACTORS}; PixCell was trained with SD3.5's",
+            stacklevel=3,
+        )
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """``diffusion_pytorch_model.safetensors`` (or its sharded index) in ``directory``."""
+    single, sharded = directory / WEIGHTS, directory / f"{WEIGHTS}.index.json"
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if sharded.is_file():
+            shards = sorted(set(_read_json(sharded)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+    except (SafetensorError, OSError, KeyError) as err:
+        raise ModelLoadError(f"cannot read the weights in {directory}: {err}", fix="re-download the checkpoint") from err
+    raise ModelLoadError(f"no {WEIGHTS} in {directory}", fix="download the complete checkpoint (all subfolders)")
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Load ``state`` so that every key is consumed and none is missing, or raise.
+
+    The only key that may be absent is a buffer computed from the config (``DERIVED_BUFFERS``,
+    PixCell-1024's fixed token position table); when present it must equal pixgen's own.
+
+    Example:
+        >>> load_strict(model, load_file("diffusion_pytorch_model.safetensors"), "ckpt")  # doctest: +SKIP
+    """
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(DERIVED_BUFFERS))
+    wrong = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+    if unexpected or missing or wrong:
+        details = "; ".join(
+            f"{name} ({len(keys)}): {keys[:4]}" for name, keys in
+            (("unexpected", unexpected), ("missing", missing), ("wrong shape", wrong)) if keys
+        )
+        raise ModelLoadError(f"{source}: weights do not match the config: {details}",
+                             fix="the config.json and the safetensors must come from the same checkpoint")
+    for key in DERIVED_BUFFERS:
+        if key in state and not torch.allclose(state[key].float(), own[key].float(), atol=1e-3):
+            raise ModelLoadError(f"{source}: {key} differs from the table computed from the config",
+                                 fix="report this: pixgen's grid position embedding disagrees with the checkpoint")
+    model.load_state_dict({**{k: own[k] for k in DERIVED_BUFFERS if k in own}, **state}, strict=True)
+
+
+def _check_index(index: dict[str, Any], root: Path) -> None:
+    name = index.get("_class_name")
+    extra = sorted(k for k in index if not k.startswith("_") and k not in COMPONENTS)
+    if name not in PIPELINE_CLASSES or extra:
+        raise ModelLoadError(
+            f"{root}/model_index.json describes {name!r} with components {extra or 'as expected'}",
+            fix=f"pixgen runs {PIPELINE_CLASSES} with components {COMPONENTS}",
+        )
+    if "controlnet" in index and not (root / "controlnet" / "config.json").is_file():
+        raise ModelLoadError(f"{root} lists a controlnet but has no controlnet/config.json",
+                             fix="download the complete checkpoint")
+
+
+def _has_weights(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.glob("*.safetensors")) and (directory / "config.json").is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelLoadError(f"missing {path}", fix="download the complete PixCell checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"corrupt {path}: {err}", fix="re-download the file") from err
