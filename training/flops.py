@@ -1,0 +1,93 @@
+"""Arithmetic of a training step: parameters, FLOPs from the model config, matmul peak of this machine.
+
+FLOPs count the matrix multiplications (2 per multiply-add) of one forward pass over one sample,
+from the config alone; a training step costs about 3x the forward (backward = 2x), 4x with
+gradient checkpointing (the forward runs twice). Elementwise work (norms, GELU, softmax) is
+left out: it is a few percent at these sizes, and ``tests/test_train_flops.py`` checks the count
+against torch's own ``FlopCounterMode``.
+
+Example:
+    >>> f = forward_flops(num_layers=12, width=384, tokens=256, cond_tokens=1, cond_dim=1536,
+    ...                   patch_size=2, in_channels=16, out_channels=16)
+    >>> round(f["total"] / 1e9, 2)   # GFLOPs per 256 px sample for pixgen-S/2 on f8 latents
+    13.93
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+__all__ = ["forward_flops", "model_flops", "train_step_flops", "measure_matmul_rate", "TIMESTEP_FREQ_DIM"]
+
+TIMESTEP_FREQ_DIM = 256  # sinusoidal timestep features before the embedder MLP (PixArt)
+MLP_RATIO = 4
+
+
+def forward_flops(num_layers: int, width: int, tokens: int, cond_tokens: int, cond_dim: int,
+                  patch_size: int, in_channels: int, out_channels: int) -> dict[str, float]:
+    """Forward matmul FLOPs for one sample, by part (``total`` = their sum).
+
+    Per block (N image tokens, T condition tokens, width D): self-attention projections
+    ``8 N D^2`` and scores/values ``4 N^2 D``; cross-attention ``4 N D^2 + 4 T D^2 + 4 N T D``;
+    MLP ``2 x 2 x N x D x 4D = 16 N D^2``.
+    """
+    n, t, d = tokens, cond_tokens, width
+    parts = {
+        "patch_embed": 2 * n * patch_size**2 * in_channels * d,
+        "timestep": 2 * (TIMESTEP_FREQ_DIM * d + d * d + d * 6 * d),
+        "condition": 2 * t * (cond_dim * d + d * d),
+        "self_attention": num_layers * (8 * n * d * d + 4 * n * n * d),
+        "cross_attention": num_layers * (4 * n * d * d + 4 * t * d * d + 4 * n * t * d),
+        "mlp": num_layers * 2 * 2 * n * d * MLP_RATIO * d,
+        "proj_out": 2 * n * d * patch_size**2 * out_channels,
+    }
+    parts = {k: float(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def model_flops(config, latent_size: int | None = None) -> dict[str, float]:
+    """:func:`forward_flops` for a ``PixgenTransformer`` config (dict or FrozenDict).
+
+    Example:
+        >>> model_flops(PixgenTransformer.from_preset("pixgen-tiny").config)["total"] > 0  # doctest: +SKIP
+        True
+    """
+    c = dict(config)
+    side = (latent_size or c["sample_size"]) // c["patch_size"]
+    return forward_flops(
+        num_layers=c["num_layers"], width=c["num_attention_heads"] * c["attention_head_dim"], tokens=side * side,
+        cond_tokens=c["caption_num_tokens"], cond_dim=c["caption_channels"], patch_size=c["patch_size"],
+        in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+    )
+
+
+def train_step_flops(forward_per_sample: float, batch_size: int, gradient_checkpointing: bool = False) -> float:
+    """FLOPs of one optimizer step on ``batch_size`` samples: (3 or 4) x forward x batch."""
+    return (4.0 if gradient_checkpointing else 3.0) * forward_per_sample * batch_size
+
+
+def measure_matmul_rate(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 0.5,
+                        device: str | torch.device = "cpu") -> float:
+    """Achieved FLOP/s of square ``torch.matmul`` on this machine (all threads torch uses).
+
+    Example:
+        >>> measure_matmul_rate(torch.bfloat16, seconds=0.2) > 1e9   # doctest: +SKIP
+        True
+    """
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    torch.matmul(a, b)  # warm-up
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        count += 1
+        if count % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2.0 * size**3 * count / elapsed

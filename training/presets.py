@@ -1,0 +1,241 @@
+"""Training configuration: one dataclass, named presets, ``key=value`` overrides.
+
+A run is fully described by a :class:`TrainConfig`. Presets are named instances; the CLI
+starts from one and overrides fields (``--set lr=2e-4`` or explicit flags); the resolved
+config is written as ``RUN/config.json``.
+
+Example:
+    >>> cfg = apply_overrides(get_preset("tiny"), ["lr=3e-4", "mixed_precision=bf16"])
+    >>> cfg.lr, cfg.mixed_precision, cfg.model
+    (0.0003, 'bf16', 'pixgen-tiny')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixgen.errors import InputError
+
+__all__ = ["TrainConfig", "PRESETS", "get_preset", "apply_overrides", "RESUMABLE_FIELDS", "LORA_TARGETS"]
+
+# Attention projections and the MLP of every BasicTransformerBlock (self- and cross-attention).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs, besides the data and output paths.
+
+    Model (new runs; ``init`` replaces all of these with the initial model's):
+        model: transformer size preset (``pixgen.models.transformer.PRESETS``).
+        patch_size: latent pixels per token side.
+        objective: ``"flow"`` (rectified flow, velocity target) or ``"epsilon"`` (DDPM noise target).
+        learned_sigma: epsilon only: predict the variance too (IDDPM hybrid loss, as PixCell).
+        condition_grid: condition tokens per image = grid**2 (1: one CLS embedding per tile).
+    Fine-tuning:
+        init: a Generator directory to start from (full fine-tuning, or LoRA with ``lora_rank``).
+        lora_rank: 0 = train all weights; > 0 = LoRA on ``lora_targets`` (merged into final/).
+    Features (when the data is an image folder, the cache is built into RUN/cache first):
+        image_size, mpp, fit, vae, encoder: see ``pixgen features``.
+    Objective:
+        timestep_sampling: flow only: ``"logit-normal"`` (SD3) or ``"uniform"``.
+        cfg_dropout: probability that a sample's condition is replaced by the null embedding.
+    Optimisation:
+        optimizer: ``"adamw"`` or ``"came"`` (needs ``came-pytorch``).
+        batch_size: per process; the global batch is batch_size x processes x grad_accum.
+        mixed_precision: ``"no"``, ``"bf16"`` (CPU and GPU) or ``"fp16"`` (GPU only).
+        ema_decay: 0 disables EMA; final/ holds the EMA weights otherwise.
+    Bookkeeping:
+        checkpoint_every / keep_checkpoints: ``accelerate`` states, written atomically.
+        sample_every: sample grid PNG every N steps (0: never); sample_steps: sampler steps.
+    """
+
+    model: str = "pixgen-S/2"
+    patch_size: int = 2
+    objective: str = "flow"
+    learned_sigma: bool = False
+    condition_grid: int = 1
+    init: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    image_size: int = 256
+    mpp: float | None = None
+    fit: str = "crop"
+    vae: str | None = None
+    encoder: str | None = None
+    timestep_sampling: str = "logit-normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    cfg_dropout: float = 0.1
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 100_000
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    num_samples: int = 8
+    sample_steps: int = 20
+    log_every: int = 10
+    bank_size: int = 1000
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `InputError` naming every inconsistent field."""
+        problems = []
+        if self.objective not in ("flow", "epsilon"):
+            problems.append(f"objective must be 'flow' or 'epsilon', got {self.objective!r}")
+        if self.learned_sigma and self.objective != "epsilon":
+            problems.append("learned_sigma needs objective=epsilon")
+        if self.timestep_sampling not in ("logit-normal", "uniform"):
+            problems.append(f"timestep_sampling must be 'logit-normal' or 'uniform', got {self.timestep_sampling!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            problems.append(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.optimizer not in ("adamw", "came"):
+            problems.append(f"optimizer must be adamw or came, got {self.optimizer!r}")
+        if not 0 <= self.cfg_dropout < 1:
+            problems.append(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints",
+                     "condition_grid", "log_every", "sample_steps", "image_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_rank < 0:
+            problems.append(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and not self.init:
+            problems.append("LoRA (lora_rank > 0) fine-tunes an existing model: pass --init MODEL")
+        if problems:
+            raise InputError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def condition_tokens(self) -> int:
+        return self.condition_grid**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (unknown keys are an error; lists become tuples)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise InputError(f"unknown training config field(s): {', '.join(unknown)}")
+        return cls(**{k: _parse(known[k], v) for k, v in data.items()})
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Seconds on a laptop CPU: a 2-layer model, for tests and smoke runs.
+    "tiny": TrainConfig(
+        model="pixgen-tiny", image_size=32, lr=1e-3, warmup_steps=0, batch_size=8, max_steps=100,
+        ema_decay=0.99, checkpoint_every=50, keep_checkpoints=2, sample_every=0, num_samples=4,
+        sample_steps=4, log_every=10, bank_size=64, tensorboard=False,
+    ),
+    # The default model: pixgen-S/2 on 256 px tiles through an f8 VAE (32x32 latents).
+    "S-256": TrainConfig(model="pixgen-S/2", image_size=256, lr=2e-4, batch_size=32, warmup_steps=1000),
+    "B-256": TrainConfig(model="pixgen-B/2", image_size=256, lr=1e-4, batch_size=32, warmup_steps=1000),
+    # PixCell-style fine-tuning: epsilon + learned variance, LoRA on an existing XL/2 model.
+    "pixcell-finetune": TrainConfig(
+        model="pixgen-XL/2", objective="epsilon", learned_sigma=True, lora_rank=16, image_size=256,
+        lr=1e-4, batch_size=8, warmup_steps=100, max_steps=5000, ema_decay=0.999, mixed_precision="bf16",
+        gradient_checkpointing=True, init="StonyBrook-CVLab/PixCell-256", checkpoint_every=500, sample_every=500,
+    ),
+}
+
+# Fields that may differ between an interrupted run and its resumption.
+RESUMABLE_FIELDS = frozenset({
+    "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples", "sample_steps",
+    "log_every", "num_workers", "tensorboard", "bank_size",
+})
+
+
+def get_preset(name: str) -> TrainConfig:
+    """A fresh copy of a named preset.
+
+    Example:
+        >>> get_preset("S-256").model
+        'pixgen-S/2'
+    """
+    if name not in PRESETS:
+        raise InputError(f"unknown training preset {name!r}", fix=f"use one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict[str, Any]) -> TrainConfig:
+    """Return ``cfg`` with fields replaced from ``key=value`` strings (parsed by field type) or a dict.
+
+    Example:
+        >>> apply_overrides(get_preset("tiny"), ["adam_betas=0.9,0.95", "init=none"]).adam_betas
+        (0.9, 0.95)
+    """
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InputError(f"override {item!r} is not key=value", fix="e.g. --set lr=2e-4")
+            items.append((key.strip().replace("-", "_"), value.strip()))
+    changes = {}
+    for key, value in items:
+        if key not in known:
+            raise InputError(f"unknown training config field {key!r}", fix=f"fields: {', '.join(known)}")
+        changes[key] = _parse(known[key], value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _parse(f: dataclasses.Field, value: Any) -> Any:
+    """Convert a string (or JSON value) to the type declared for field ``f``."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional and len(args) == 1 else hint
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    origin = typing.get_origin(base)
+    try:
+        if origin is tuple:
+            parts = value.split(",") if isinstance(value, str) else list(value)
+            elem = typing.get_args(base)[0]
+            return tuple(elem(p.strip()) if isinstance(p, str) else elem(p) for p in parts if p != "")
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base in (int, float, str):
+            return base(float(value)) if base is int and isinstance(value, str) and "e" in value.lower() else base(value)
+        if isinstance(base, types.UnionType):  # e.g. float | None handled above; keep value
+            return value
+    except (TypeError, ValueError):
+        raise InputError(f"bad value {value!r} for {f.name} (expects {hint})") from None
+    return value
