@@ -25,6 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--reference", nargs="+", help="reference image(s): variations of each")
     gen.add_argument("--embeddings", help="embeddings file (.safetensors from pixgen, .npy or .pt)")
     gen.add_argument("--label", help="a label of the model's embedding bank (see `pixgen info`)")
+    gen.add_argument("--control-image", nargs="+", help="binary cell mask(s) for a ControlNet model (non-zero = cell)")
+    gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (0 = off)")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     gen.add_argument("--guidance", type=float, help="CFG scale w, pred = uncond + w(cond-uncond); 1 = off")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
@@ -39,6 +41,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="describe a model")
     info.add_argument("model", nargs="?", default=str(DEFAULT_MODEL), help="model dir or hub id")
     info.add_argument("--token", help="hub token for gated models")
+    info.add_argument("--vae-path", help="local autoencoder folder (for models whose VAE lives elsewhere)")
+    info.add_argument("--encoder-path", help="local encoder weights folder")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run_info)
 
@@ -48,11 +52,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from pixgen import __version__
     from pixgen.embeddings import load_embeddings
-    from pixgen.io import contact_sheet, save_png, write_json_atomic
+    from pixgen.io import contact_sheet, load_image, save_png, write_json_atomic
     from pixgen.pipeline import Generator
 
     if args.n < 1:
@@ -64,6 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device, dtype=dtype
     )
     embeddings = load_embeddings(args.embeddings) if args.embeddings else None
+    masks = [np.array(load_image(p).convert("L")) for p in args.control_image] if args.control_image else None
     result = gen.generate(
         embeddings=embeddings,
         reference=args.reference,
@@ -73,6 +79,8 @@ def run_generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         seed=args.seed,
         batch_size=args.batch_size,
+        control_image=masks,
+        controlnet_conditioning_scale=args.control_scale,
     )
     base = {
         "pixgen_version": __version__,
@@ -84,6 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "label": args.label,
+        "control_images": args.control_image,
     }
     files = []
     for i, (img, seed, cid) in enumerate(zip(result.images, result.seeds, result.condition_ids)):
@@ -105,7 +114,8 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from pixgen.pipeline import Generator
 
-    desc = {"model": str(args.model), **Generator.from_pretrained(args.model, token=args.token).describe()}
+    gen = Generator.from_pretrained(args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path)
+    desc = {"model": str(args.model), **gen.describe()}
     if args.json:
         print(json.dumps(desc, indent=2))
     else:

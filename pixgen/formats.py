@@ -15,8 +15,8 @@ def detect(root: Path, index: dict[str, Any]) -> Callable | None:
     if index.get("_class_name") == "Generator":
         return None
     config = root / "transformer" / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "PixCellTransformer2DModel":
-        from pixgen.pixcell import load_pixcell
+    if config.is_file() and json.loads(config.read_text()).get("_class_name", "").startswith("PixCellTransformer2DModel"):
+        from pixgen.pixcell import load_pixcell  # PixCell-256/-1024 and the Cell-ControlNet repo
 
         return load_pixcell
     return None

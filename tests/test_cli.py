@@ -75,3 +75,30 @@ def test_bad_label_error_names_the_choices(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown label 'bone'" in err and "stroma, tumour" in err
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_generate_with_control_mask(tmp_path):
+    import numpy as np
+    import torch
+
+    from pixgen.models.controlnet import PixgenControlNet
+    from pixgen.testing import tiny_generator
+
+    gen = tiny_generator()
+    gen.controlnet = PixgenControlNet.from_transformer(gen.transformer, num_layers=1)
+    with torch.no_grad():
+        for p in gen.controlnet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # leave the zero init so the mask matters
+    gen.save_pretrained(tmp_path / "m")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = ["generate", "--model", str(tmp_path / "m"), "--n", "1", "--label", "tumour"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--control-image", str(tmp_path / "mask.png")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--control-image", str(tmp_path / "mask.png"), "--control-scale", "0"]) == 0
+    assert main([*base, "--out", str(tmp_path / "c")]) == 0
+    a, b, c = (np.array(Image.open(tmp_path / d / "0000.png")) for d in "abc")
+    assert np.array_equal(b, c) and not np.array_equal(a, c)
+    assert read_provenance(tmp_path / "a" / "0000.png")["control_images"] == [str(tmp_path / "mask.png")]
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])

@@ -435,9 +435,6 @@ def test_control_image_errors_are_clear(ckpt_256, ckpt_controlnet, assets):
         gen.generate(embeddings=torch.randn(1, 1536), control_image=np.ones((128, 128)))
 
 
-@pytest.mark.xfail(reason="pixgen.formats.detect routes only PixCellTransformer2DModel; the ControlNet repo's "
-                          "transformer is PixCellTransformer2DModelControlNet (see pixgen.pixcell.TRANSFORMER_CLASSES)",
-                   raises=AssertionError, strict=False)
 def test_controlnet_layout_is_routed_by_from_pretrained(ckpt_controlnet):
     from pixgen import formats
 
