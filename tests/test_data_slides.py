@@ -13,7 +13,7 @@ from PIL import Image
 from pixgen.cli import main
 from pixgen.errors import InputError
 from training.data import SlideTileDataset, TilingConfig, open_slide, tile_slide, tissue_mask
-from training.data.slides import Slide, choose_level
+from training.data.slides import Slide, _low_res_image, choose_level
 
 
 @pytest.fixture(scope="module")
@@ -123,5 +123,8 @@ def test_tissue_mask_and_tiffslide_backend(slides):
         a, b = t.read(1000, 1000, 0, 64, 64), o.read(1000, 1000, 0, 64, 64)
         assert a.shape == b.shape == (64, 64, 3) and np.abs(a.astype(int) - b.astype(int)).mean() < 3
         tm = tissue_mask(o, o.mpp())
+        whole = _low_res_image(o, o.mpp(), 4.0)[1]
+        pieces = _low_res_image(o, o.mpp(), 4.0, block=700)[1]      # bounded memory, same picture
+        assert np.array_equal(whole, pieces)
     assert 0.2 < tm.mask.mean() < 0.7                       # a strip of tissue on white glass
     assert not tm.mask[:20, :20].any()                       # top-left corner is glass

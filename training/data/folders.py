@@ -45,7 +45,7 @@ def scan_image_folder(
 
     Example:
         >>> paths, labels, names = scan_image_folder("../shared/data/lc25000-lung")  # doctest: +SKIP
-        >>> names
+        >>> names                                                                   # doctest: +SKIP
         ['lung_aca', 'lung_n', 'lung_scc']
     """
     root = Path(root)

@@ -309,19 +309,31 @@ def _clean_mask(mask: np.ndarray, radius: int, min_area: int) -> np.ndarray:
     return morph.remove_small_holes(morph.remove_small_objects(mask, **objects), **holes)
 
 
-def _low_res_image(slide: Slide, base_mpp: float, mask_mpp: float) -> tuple[int, np.ndarray]:
-    """(level, RGB image of the whole slide at about ``mask_mpp``, long side 512..2048 px)."""
+def _low_res_image(slide: Slide, base_mpp: float, mask_mpp: float, block: int = 4096) -> tuple[int, np.ndarray]:
+    """(level, RGB image of the whole slide at about ``mask_mpp``, long side 512..2048 px).
+
+    The level is read in ``block``-px pieces, each shrunk on its own, so a slide without a
+    pyramid never has to fit in memory at full resolution.
+    """
     w0, h0 = slide.dimensions
     long0 = max(w0, h0)
     target = int(min(long0, np.clip(long0 * base_mpp / mask_mpp, 512, 2048)))
     level = max((i for i, d in enumerate(slide.level_dimensions) if max(d) >= target),
                 key=lambda i: slide.level_downsamples[i])
     w, h = slide.level_dimensions[level]
-    img = Image.fromarray(slide.read(0, 0, level, w, h))
-    if max(w, h) > target:
+    k = max(1, int(max(w, h) // target))                       # exact integer box reduction first
+    block = max(k, block - block % k)
+    ds = slide.level_downsamples[level]                         # read() takes level-0 coordinates
+    out = Image.new("RGB", (math.ceil(w / k), math.ceil(h / k)), "white")
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            piece = Image.fromarray(slide.read(round(x * ds), round(y * ds), level,
+                                               min(block, w - x), min(block, h - y)))
+            out.paste(piece.reduce(k) if k > 1 else piece, (x // k, y // k))
+    if max(out.size) > target:
         f = target / max(w, h)
-        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX)
-    return level, np.asarray(img)
+        out = out.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX)
+    return level, np.asarray(out)
 
 
 def choose_level(slide: Slide, base_mpp: float, target_mpp: float) -> int:

@@ -294,7 +294,7 @@ def fingerprint_images(paths: Sequence[str | Path], config: NearDuplicateConfig 
 
 
 # ----------------------------------------------------------------------------- candidate search
-def hamming_pairs(query: np.ndarray, index: np.ndarray, radius: int, chunk: int = 64, workers: int = 2
+def hamming_pairs(query: np.ndarray, index: np.ndarray, radius: int, chunk: int = 32, workers: int = 2
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (i, j, v) with popcount(query[i] ^ index[j, v]) <= radius, the best v per (i, j), i != j.
 
@@ -333,20 +333,20 @@ def _banded_pairs(query: np.ndarray, index: np.ndarray, radius: int
     n, v = index.shape
     edges = np.linspace(0, 64, radius + 2).astype(int)
     flat = index.ravel()
-    cand = set()
+    found = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         mask = np.uint64(((1 << (hi - lo)) - 1) << (64 - hi))
-        keys_q, keys_i = query & mask, flat & mask
+        keys_i = flat & mask
         order = np.argsort(keys_i, kind="stable")
-        sorted_keys = keys_i[order]
-        left = np.searchsorted(sorted_keys, keys_q, "left")
-        right = np.searchsorted(sorted_keys, keys_q, "right")
-        for i in np.nonzero(right > left)[0]:
-            cand.update((int(i), int(f)) for f in order[left[i]:right[i]])
-    if not cand:
+        left = np.searchsorted(keys_i[order], query & mask, "left")
+        count = np.searchsorted(keys_i[order], query & mask, "right") - left
+        start = np.repeat(left - (np.cumsum(count) - count), count)        # vectorised bucket join
+        found.append(np.repeat(np.arange(n), count) * flat.size + order[start + np.arange(count.sum())])
+    pairs = np.unique(np.concatenate(found))
+    if not len(pairs):
         e = np.zeros(0, np.int64)
         return e, e, e
-    arr = np.array(sorted(cand), dtype=np.int64)
+    arr = np.stack([pairs // flat.size, pairs % flat.size], axis=1).astype(np.int64)
     i, f = arr[:, 0], arr[:, 1]
     j, var = f // v, f % v
     d = np.bitwise_count(query[i] ^ flat[f])
@@ -449,10 +449,10 @@ def _file_keys(paths: Sequence[Path]) -> list[list[Any]]:
     keys = []
     for p in paths:
         try:
-            st = p.stat()
+            st = os.stat(p)
         except OSError as err:
             raise InputError(f"cannot read {p}: {err}") from None
-        keys.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        keys.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
     return keys
 
 
