@@ -159,9 +159,13 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def load_vae(self):
         """The autoencoder stored with the cache (decodes generated latents)."""
-        from pixgen.models.autoencoders import load_autoencoder
+        from pixgen.models.autoencoders import Autoencoder, PixelSpace, load_autoencoder
 
-        return load_autoencoder(self.root / self.info["vae"]["path"])
+        path = self.root / self.info["vae"]["path"]
+        config = json.loads((path / "config.json").read_text())
+        if config.get("_class_name") == "PixelSpace":  # weightless: diffusers finds no weights file to load
+            return Autoencoder(PixelSpace(channels=config.get("channels", 3)))
+        return load_autoencoder(path)
 
     @property
     def encoder_path(self) -> Path | None:
@@ -219,11 +223,13 @@ def open_image_source(data: str | Path, mpp: float | None = None, size: int | No
 
 
 def resolve_components(model: Any = None, vae: str | None = None, encoder: str | None = None,
-                       device: str = "cpu", token: str | None = None) -> tuple[Any, Any, bool]:
+                       device: str = "cpu", token: str | None = None, encoder_path: str | None = None,
+                       ) -> tuple[Any, Any, bool]:
     """(autoencoder, encoder, local) from a Generator (directory) and/or an explicit ``vae`` path /
     ``encoder`` name or directory (explicit ones win). ``local`` is True when the encoder is not
     reloadable by a registry name alone (a saved folder, a bundled or model-owned encoder): the
-    cache then keeps a copy, and models trained on it carry it.
+    cache then keeps a copy, and models trained on it carry it. ``encoder_path``: local weights for
+    a registry name (offline clusters, gated hubs), e.g. ``encoder="uni2-h", encoder_path="/models/UNI2-h"``.
 
     Example:
         >>> vae, enc, src = resolve_components(model="runs/a/final")                  # doctest: +SKIP
@@ -236,7 +242,8 @@ def resolve_components(model: Any = None, vae: str | None = None, encoder: str |
     if gen is None and model:
         from pixgen.pipeline import Generator
 
-        gen = Generator.from_pretrained(model, token=token)
+        vae_path = vae if vae and Path(vae).is_dir() else None  # e.g. PixCell-256 ships no VAE weights
+        gen = Generator.from_pretrained(model, token=token, vae_path=vae_path, encoder_path=encoder_path)
     if vae:
         autoencoder = load_autoencoder(vae, token=token)
     elif gen is not None:
@@ -244,7 +251,7 @@ def resolve_components(model: Any = None, vae: str | None = None, encoder: str |
     else:
         raise InputError("no autoencoder given", fix="pass --model GENERATOR_DIR or --vae PATH")
     if encoder:
-        enc = load_encoder(encoder, token=token, device=device)
+        enc = load_encoder(encoder, local_path=encoder_path, token=token, device=device)
         local = Path(encoder).is_dir()
     elif gen is not None:
         enc, local = gen.encoder, bool(gen.config.get("encoder_path"))
@@ -459,6 +466,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="Generator directory whose VAE and encoder to use")
     p.add_argument("--vae", help="autoencoder folder or hub id (overrides the model's)")
     p.add_argument("--encoder", help="encoder registry name or saved-encoder folder (overrides the model's)")
+    p.add_argument("--encoder-path", help="local weights for the encoder (registry name; gated / offline)")
     p.add_argument("--mpp", type=float, help="microns per pixel of the image files (image folders)")
     p.add_argument("--size", type=int, help="tile side in pixels (default: the images' own)")
     p.add_argument("--fit", choices=["crop", "resize"], default="crop", help="how to reach --size")
@@ -473,7 +481,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dataset = open_image_source(args.data, mpp=args.mpp, size=args.size, fit=args.fit)
-    vae, encoder, local = resolve_components(args.model, args.vae, args.encoder, device=args.device, token=args.token)
+    vae, encoder, local = resolve_components(args.model, args.vae, args.encoder, device=args.device, token=args.token,
+                                             encoder_path=args.encoder_path)
     cache = build_feature_cache(dataset, args.out, vae, encoder, grid=args.grid, batch_size=args.batch_size,
                                 shard_size=args.shard_size, dtype=args.dtype, device=args.device,
                                 save_encoder=local)

@@ -71,7 +71,8 @@ def train_step_flops(forward_per_sample: float, batch_size: int, gradient_checkp
 
 def measure_matmul_rate(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 0.5,
                         device: str | torch.device = "cpu") -> float:
-    """Achieved FLOP/s of square ``torch.matmul`` on this machine (all threads torch uses).
+    """Achieved FLOP/s of square ``torch.matmul`` on this machine (all threads torch uses), the
+    best of three windows of ``seconds / 3``.
 
     Example:
         >>> measure_matmul_rate(torch.bfloat16, seconds=0.2) > 1e9   # doctest: +SKIP
@@ -82,12 +83,15 @@ def measure_matmul_rate(dtype: torch.dtype = torch.float32, size: int = 2048, se
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     torch.matmul(a, b)  # warm-up
     sync()
-    count, start = 0, time.perf_counter()
-    while True:
-        torch.matmul(a, b)
-        count += 1
-        if count % 4 == 0:
+    best = 0.0
+    for _ in range(3):  # best of three windows: other jobs on a shared machine only ever slow it down
+        count, start = 0, time.perf_counter()
+        while True:
+            torch.matmul(a, b)
+            count += 1
             sync()
             elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return 2.0 * size**3 * count / elapsed
+            if elapsed >= seconds / 3:
+                break
+        best = max(best, 2.0 * size**3 * count / elapsed)
+    return best

@@ -41,7 +41,8 @@ class TrainConfig:
         init: a Generator directory to start from (full fine-tuning, or LoRA with ``lora_rank``).
         lora_rank: 0 = train all weights; > 0 = LoRA on ``lora_targets`` (merged into final/).
     Features (when the data is an image folder, the cache is built into RUN/cache first):
-        image_size, mpp, fit, vae, encoder: see ``pixgen features``.
+        image_size, mpp, fit, vae, encoder, encoder_path: see ``pixgen features``. ``vae`` and
+        ``encoder_path`` also complete an ``init`` model that ships without them (PixCell-256).
     Objective:
         timestep_sampling: flow only: ``"logit-normal"`` (SD3) or ``"uniform"``.
         cfg_dropout: probability that a sample's condition is replaced by the null embedding.
@@ -69,6 +70,7 @@ class TrainConfig:
     fit: str = "crop"
     vae: str | None = None
     encoder: str | None = None
+    encoder_path: str | None = None
     timestep_sampling: str = "logit-normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0

@@ -265,7 +265,8 @@ class Trainer:
                                  fix="pass --init MODEL, or --set vae=PATH --set encoder=NAME_OR_DIR "
                                      "(or build the cache first with `pixgen features`)")
             device = "cpu" if self.cpu else str(acc.device)
-            vae, enc, local = resolve_components(init_gen, cfg.vae, cfg.encoder, device=device)
+            vae, enc, local = resolve_components(init_gen, cfg.vae, cfg.encoder, device=device,
+                                                 encoder_path=cfg.encoder_path)
             build_feature_cache(dataset, cache_dir, vae, enc, grid=cfg.condition_grid, device=device,
                                 save_encoder=local)
         acc.wait_for_everyone()
@@ -318,15 +319,15 @@ class Trainer:
         if cfg.lora_rank:
             model = add_lora(model, cfg)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4) if cfg.ema_decay else None
-        optimizer = make_optimizer(params, cfg)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
         scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
         loader = torch.utils.data.DataLoader(cache, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                              num_workers=cfg.num_workers, pin_memory=not self.cpu)
         model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
-        if ema is not None:
-            ema.to(acc.device)
+        params = [p for p in model.parameters() if p.requires_grad]  # as the wrapper (DDP/FSDP) holds them
+        ema = None
+        if cfg.ema_decay:  # diffusers' EMA: warm-up schedule, state_dict for checkpoints, store/restore
+            ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4)
             acc.register_for_checkpointing(ema)
         step = self._restore(acc, checkpoints)
         self._write_run_info(acc, cache, acc.unwrap_model(model), step)
@@ -340,7 +341,9 @@ class Trainer:
             return None
         from pixgen.pipeline import Generator
 
-        return Generator.from_pretrained(self.cfg.init)
+        cfg = self.cfg
+        vae_path = cfg.vae if cfg.vae and Path(cfg.vae).is_dir() else None
+        return Generator.from_pretrained(cfg.init, vae_path=vae_path, encoder_path=cfg.encoder_path)
 
     def _restore(self, acc, checkpoints: list[Path]) -> int:
         """Load the latest checkpoint (``--resume``); returns the step to continue from."""
@@ -415,7 +418,7 @@ class Trainer:
                 window, n_window, t_window = {}, 0, time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 self._save_checkpoint(acc, step)
-            if cfg.sample_every and step % cfg.sample_every == 0 and acc.is_main_process:
+            if cfg.sample_every and step % cfg.sample_every == 0:
                 self._sample(acc, model, ema, params, cache, step, init_gen)
             self.on_step_end(step, logs)
 
@@ -460,7 +463,8 @@ class Trainer:
         return default_scheduler(self.cfg.objective)
 
     def _sample(self, acc, model, ema, params, cache, step: int, init_gen) -> None:
-        """Write RUN/samples/step-N.png from fixed conditions and seeds, with the EMA weights."""
+        """RUN/samples/step-N.png from fixed conditions and seeds, EMA weights (every rank runs it:
+        sharded models need all of them; rank 0 writes)."""
         from pixgen.embeddings import Embeddings
         from pixgen.io import contact_sheet
         from pixgen.pipeline import Generator
@@ -474,31 +478,44 @@ class Trainer:
             gen = Generator(base, self.vae, self._scheduler(init_gen), config={"num_inference_steps": self.cfg.sample_steps})
             cond = Embeddings(self._sample_conditions(cache), encoder=cache.encoder_name)
             out = gen.generate(embeddings=cond, seed=0, progress=False, batch_size=len(cond))
-            path = self.out / "samples" / f"step-{step:08d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            contact_sheet(out.images).save(path)
+            if acc.is_main_process:
+                path = self.out / "samples" / f"step-{step:08d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                contact_sheet(out.images).save(path)
         finally:
             base.train()
             if ema is not None:
                 ema.restore(params)
 
     def _finish(self, acc, model, ema, params, cache, init_gen) -> Path:
-        """Per-rank checksums; rank 0 writes RUN/final (EMA weights, LoRA merged); process group closed."""
+        """Per-rank checksums; RUN/final from the EMA weights (LoRA merged) by rank 0; process group closed.
+
+        The weights go through ``accelerator.get_state_dict`` (a collective: it gathers FSDP /
+        ZeRO-3 shards) into a fresh copy of the model, so the same code serves DDP and sharded runs.
+        """
         from pixgen.pipeline import Generator
 
         acc.wait_for_everyone()
         inner = acc.unwrap_model(model)
-        (self.out / "checksums").mkdir(exist_ok=True)
-        (self.out / "checksums" / f"rank-{acc.process_index}.txt").write_text(weights_checksum(inner) + "\n")
+        if acc.distributed_type != "FSDP":  # FSDP ranks hold different shards by design
+            (self.out / "checksums").mkdir(exist_ok=True)
+            (self.out / "checksums" / f"rank-{acc.process_index}.txt").write_text(weights_checksum(inner) + "\n")
+        if ema is not None:
+            ema.copy_to(params)
+        state = acc.get_state_dict(model)  # every rank takes part
         final = self.out / "final"
         if acc.is_main_process:
-            if ema is not None:
-                ema.copy_to(params)
-            transformer = inner.merge_and_unload() if self.cfg.lora_rank else inner
-            transformer = transformer.float().eval()
-            transformer.gradient_checkpointing = False
+            base = inner.get_base_model() if self.cfg.lora_rank else inner
+            fresh = type(base).from_config(base.config)
+            if self.cfg.lora_rank:
+                fresh = add_lora(fresh, self.cfg)
+            fresh.load_state_dict({k: v.float() for k, v in state.items()})
+            transformer = (fresh.merge_and_unload() if self.cfg.lora_rank else fresh).float().eval()
             config = dict(init_gen.config) if init_gen is not None else {}
             config.update({"encoder": cache.encoder_name, "image_size": cache.info["image_size"], "mpp": cache.mpp})
+            config.pop("origin", None)
+            if self.cfg.init:
+                config["finetuned_from"] = self.cfg.init
             encoder, config["encoder_path"] = self._own_encoder(cache, init_gen)
             gen = Generator(transformer, cache.load_vae(), self._scheduler(init_gen), encoder=encoder,
                             embedding_bank=build_bank(cache, self.cfg.bank_size, self.cfg.seed), config=config)
@@ -581,11 +598,17 @@ def _geometry(cfg: TrainConfig, data: Path) -> tuple[dict[str, Any], str]:
 
 
 def _dry_run_model(cfg: TrainConfig, geo: dict[str, Any]):
-    """The model the run would train, on the meta device (no memory): its config and parameters."""
+    """The model the run would train, on the meta device (no memory): its config and parameters.
+    A hub ``init`` is not downloaded for a dry run: the preset's size stands in for it."""
     from pixgen.models.transformer import PixgenTransformer
 
-    if cfg.init and (Path(cfg.init) / "transformer" / "config.json").is_file():
-        config = dict(PixgenTransformer.load_config(Path(cfg.init) / "transformer"))
+    path = Path(cfg.init or "") / "transformer" / "config.json"
+    if cfg.init and path.is_file():  # a local model: its own size (pixgen or PixCell layout)
+        config = json.loads(path.read_text())
+        if config.get("_class_name", "").startswith("PixCell"):
+            from pixgen.pixcell import pixcell_to_pixgen_config
+
+            config = pixcell_to_pixgen_config(config)
         with torch.device("meta"):
             return PixgenTransformer.from_config(config)
     return build_transformer(cfg, (geo["channels"], geo["side"], geo["side"]), geo["dim"], geo["encoder"], "meta")
