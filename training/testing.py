@@ -58,13 +58,17 @@ def tiny_image_folder(source: str | Path, out: str | Path, per_class: int = 8, s
     names = classes or sorted(p.name for p in source.iterdir() if p.is_dir())
     if not names:
         raise InputError(f"no class folders in {source}")
+    scales = set()
     for name in names:
         files = sorted(p for p in (source / name).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         (out / name).mkdir(parents=True, exist_ok=True)
         for f in files[:per_class]:
             with Image.open(f) as img:
-                scale = size / min(img.size)
+                scales.add(size / min(img.size))
                 img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS).save(out / name / f"{f.stem}.png")
+    if len(scales) != 1:
+        raise InputError(f"expected square source tiles of one size in {source}, found scales {sorted(scales)}")
+    scale = scales.pop()
     (out / "mpp.json").write_text(json.dumps({"mpp_source": 0.5, "scale": scale, "mpp": round(0.5 / scale, 4)}))
     return out
 
