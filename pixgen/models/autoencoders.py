@@ -133,6 +133,8 @@ def load_autoencoder(
     local = Path(path_or_id) / (subfolder or "")
     if local.is_dir():
         cls = AUTOENCODER_CLASSES[_class_name(local)]
+        if cls is PixelSpace:  # no weights: the config is the whole model
+            return Autoencoder(PixelSpace.from_config(PixelSpace.load_config(local)))
         return Autoencoder(cls.from_pretrained(local))
     if Path(path_or_id).exists() or str(path_or_id).startswith((".", "/")):
         raise ModelLoadError(f"no autoencoder folder at {local}", fix="check the path (it must hold config.json)")
