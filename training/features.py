@@ -159,13 +159,9 @@ class FeatureCache(torch.utils.data.Dataset):
 
     def load_vae(self):
         """The autoencoder stored with the cache (decodes generated latents)."""
-        from pixgen.models.autoencoders import Autoencoder, PixelSpace, load_autoencoder
+        from pixgen.models.autoencoders import load_autoencoder
 
-        path = self.root / self.info["vae"]["path"]
-        config = json.loads((path / "config.json").read_text())
-        if config.get("_class_name") == "PixelSpace":  # weightless: diffusers finds no weights file to load
-            return Autoencoder(PixelSpace(channels=config.get("channels", 3)))
-        return load_autoencoder(path)
+        return load_autoencoder(self.root / self.info["vae"]["path"])
 
     @property
     def encoder_path(self) -> Path | None:
