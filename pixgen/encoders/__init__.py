@@ -60,3 +60,4 @@ __all__ = [
 
 register_loader("timm", load_timm)
 register_loader("transformers", load_transformers)
+from pixgen.encoders import bundled as _bundled  # noqa: E402,F401  (registers pixgen-ssl and the "bundled" loader)
