@@ -45,7 +45,7 @@ from metrics.stats import SmallSampleWarning
 from metrics.utility import LEARNERS, classification_utility, segmentation_utility
 from pixgen.errors import InputError
 
-__all__ = ["evaluate", "write_report", "add_parser", "run"]
+__all__ = ["evaluate", "add_parser", "run"]
 
 SYNTHETIC = "synthetic"
 FLOOR = "floor: real-train vs real-test"
@@ -189,88 +189,100 @@ def evaluate(
     classes = sorted(set().union(*(_class_names(p) for p in _paths(real, synthetic, train))))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SmallSampleWarning)
-        real_s = _load(real, classes, max_images, seed)
-        syn_s = _load(synthetic, classes, max_images, seed)
-        train_s = _load(train, classes, max_images, seed)
+        real_s, syn_s, train_s = (_load(x, classes, max_images, seed) for x in (real, synthetic, train))
         timings["load"] = time.perf_counter() - t_start
         rows = _calibration_rows(real_s, syn_s, train_s, seed)
-        report: dict[str, Any] = {
-            "config": {
-                "real": str(real) if not isinstance(real, ImageSet) else "<ImageSet>",
-                "synthetic": str(synthetic) if not isinstance(synthetic, ImageSet) else "<ImageSet>",
-                "train": None if train is None else str(train) if not isinstance(train, ImageSet) else "<ImageSet>",
-                "detectors": [d if isinstance(d, str) else d.name for d in detectors],
-                "max_images": max_images, "seed": seed, "n_boot": n_boot, "k": k, "crop_size": crop_size,
-                "utility": list(utility), "cnn_steps": cnn_steps,
-            },
-            "sets": {
-                name: {"n": len(s), "classes": s.classes, "sizes": sorted({f"{im.shape[1]}x{im.shape[0]}" for im in s.images})}
-                for name, s in (("real", real_s), ("synthetic", syn_s), ("train", train_s)) if s is not None
-            },
-            "rows": {name: {"n_candidate": len(c), "n_reference": len(r)} for name, (c, r) in rows.items()},
-            "fidelity": {name: {} for name in rows},
-            "c2st_per_class": {},
-            "memorisation": {},
+        config = {
+            "real": _describe(real), "synthetic": _describe(synthetic), "train": _describe(train),
+            "detectors": [d if isinstance(d, str) else d.name for d in detectors], "max_images": max_images,
+            "seed": seed, "n_boot": n_boot, "k": k, "crop_size": crop_size, "utility": list(utility), "cnn_steps": cnn_steps,
         }
-        feats: dict[str, dict[str, np.ndarray]] = {}
-        plots_data: dict[str, Any] = {"features": {}, "memorisation": {}}
-        for det_spec in detectors:
+        report = _empty_report(config, real_s, syn_s, train_s, rows)
+        feats, audits = {}, {}
+        for spec in detectors:
             t0 = time.perf_counter()
-            det = det_spec if isinstance(det_spec, Detector) else get_detector(det_spec, inception_weights=inception_weights, device=device, seed=seed)
-            f = {"real": compute_features(det, real_s.images, batch_size)}
-            for name, (cand, ref) in rows.items():
-                f[name] = compute_features(det, cand.images, batch_size)
-            if train_s is not None:
-                f["train"] = compute_features(det, train_s.images, batch_size)
+            det = spec if isinstance(spec, Detector) else get_detector(spec, inception_weights=inception_weights, device=device, seed=seed)
+            feats[det.name] = f = _features(det, real_s, train_s, rows, batch_size)
             timings[f"features_{det.name}"] = time.perf_counter() - t0
-            feats[det.name] = f
             t0 = time.perf_counter()
-            for name, (cand, ref) in rows.items():
-                f_ref = f["real"] if ref is real_s else f["real"][_subset_index(real_s, ref)]
-                report["fidelity"][name].update(_fidelity_row(f[name], f_ref, det.name, k, n_boot, seed))
-                if crop_size:
-                    report["fidelity"][name][f"cropFD_{det.name}"] = fd_estimate(
-                        compute_features(det, image_crops(ref.images, crop_size, seed=seed), batch_size),
-                        compute_features(det, image_crops(cand.images, crop_size, seed=seed), batch_size),
-                        n_boot, seed,
-                    )
-                if name in (SYNTHETIC, FLOOR):
-                    per_class = _per_class_c2st(cand, ref, f[name], f_ref, seed, n_boot)
-                    if per_class:
-                        report["c2st_per_class"].setdefault(name, {})[det.name] = per_class
-            timings[f"fidelity_{det.name}"] = time.perf_counter() - t0
-            plots_data["features"][det.name] = f
+            _fidelity_section(report, det, f, real_s, rows, k=k, n_boot=n_boot, seed=seed, crop_size=crop_size, batch_size=batch_size)
             if train_s is not None:
-                audit = memorisation_audit(f[SYNTHETIC], f["train"], f["real"], n_boot=n_boot, seed=seed)
-                plots_data["memorisation"][det.name] = audit
-                report["memorisation"][det.name] = _audit_summary(audit, syn_s, train_s)
-        if conditioning is not None or (isinstance(synthetic, (str, Path)) and (Path(synthetic) / "conditioning.npz").is_file()):
-            report["conditional"] = _conditional(Path(conditioning or Path(synthetic) / "conditioning.npz"), syn_s, real_s, feats, seed, n_boot)
-        labelled = all(s is None or s.labels is not None for s in (real_s, syn_s, train_s))
-        if utility and labelled and real_s.labels is not None:
+                audits[det.name] = memorisation_audit(f[SYNTHETIC], f["train"], f["real"], n_boot=n_boot, seed=seed)
+                report["memorisation"][det.name] = _audit_summary(audits[det.name], syn_s, train_s)
+            timings[f"fidelity_{det.name}"] = time.perf_counter() - t0
+        if conditioning is not None and not Path(conditioning).is_file():
+            raise InputError(f"conditioning file not found: {conditioning}", fix="pass an .npz with 'files' and 'embeddings'")
+        cond_file = conditioning or (Path(synthetic) / "conditioning.npz" if isinstance(synthetic, (str, Path)) else None)
+        if cond_file is not None and Path(cond_file).is_file():
+            report["conditional"] = _conditional(Path(cond_file), syn_s, real_s, feats, seed, n_boot)
+        if utility and all(s is None or s.labels is not None for s in (real_s, syn_s, train_s)):
             t0 = time.perf_counter()
             first = next(iter(feats))
-            util_feats = {"test": feats[first]["real"], "synthetic": feats[first][SYNTHETIC]}
-            if train_s is not None:
-                util_feats["train"] = feats[first]["train"]
+            util_feats = {name: feats[first][key] for name, key in (("test", "real"), ("synthetic", SYNTHETIC), ("train", "train")) if key in feats[first]}
             report["utility"] = classification_utility(train_s, real_s, syn_s, util_feats, learners=utility, cnn_steps=cnn_steps, seed=seed, n_boot=n_boot)
             report["utility"]["probe_features"] = first
             timings["utility"] = time.perf_counter() - t0
         if train is not None and all(isinstance(p, (str, Path)) and is_mask_folder(p) for p in (real, synthetic, train)):
             t0 = time.perf_counter()
-            report["segmentation"] = segmentation_utility(
-                load_mask_folder(train, max_images, seed), load_mask_folder(real, max_images, seed),
-                load_mask_folder(synthetic, max_images, seed), steps=seg_steps, seed=seed, n_boot=n_boot,
-            )
+            masks = [load_mask_folder(p, max_images, seed) for p in (train, real, synthetic)]
+            report["segmentation"] = segmentation_utility(*masks, steps=seg_steps, seed=seed, n_boot=n_boot)
             timings["segmentation"] = time.perf_counter() - t0
     report["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, SmallSampleWarning)})
     for w in caught:  # pass them on to the caller
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     timings["total"] = time.perf_counter() - t_start
-    report["timings_s"] = {k_: round(v, 2) for k_, v in timings.items()}
+    report["timings_s"] = {name: round(v, 2) for name, v in timings.items()}
     if out is not None:
-        write_report(report, out, plots_data, rows, syn_s, train_s)
+        _write_report(report, Path(out), {"features": feats, "memorisation": audits}, rows, syn_s, train_s)
     return report
+
+
+def _describe(source: Any) -> str | None:
+    return None if source is None else "<ImageSet>" if isinstance(source, ImageSet) else str(source)
+
+
+def _empty_report(config: dict, real: ImageSet, syn: ImageSet, train: ImageSet | None, rows: dict) -> dict[str, Any]:
+    sets = {name: s for name, s in (("real", real), ("synthetic", syn), ("train", train)) if s is not None}
+    return {
+        "config": config,
+        "sets": {
+            name: {"n": len(s), "classes": s.classes, "sizes": sorted({f"{im.shape[1]}x{im.shape[0]}" for im in s.images})}
+            for name, s in sets.items()
+        },
+        "rows": {name: {"n_candidate": len(c), "n_reference": len(r)} for name, (c, r) in rows.items()},
+        "fidelity": {name: {} for name in rows},
+        "c2st_per_class": {},
+        "memorisation": {},
+    }
+
+
+def _features(det: Detector, real: ImageSet, train: ImageSet | None, rows: dict, batch_size: int) -> dict[str, np.ndarray]:
+    """Features of the reference, of every row's candidate set, and of the training set."""
+    f = {"real": compute_features(det, real.images, batch_size)}
+    for name, (cand, _) in rows.items():
+        f[name] = compute_features(det, cand.images, batch_size)
+    if train is not None:
+        f["train"] = compute_features(det, train.images, batch_size)
+    return f
+
+
+def _fidelity_section(
+    report: dict, det: Detector, f: dict, real: ImageSet, rows: dict, *, k: int, n_boot: int, seed: int, crop_size: int | None, batch_size: int
+) -> None:
+    """Fill ``report["fidelity"]`` (and C2ST per class) for one detector, every row."""
+    for name, (cand, ref) in rows.items():
+        f_ref = f["real"] if ref is real else f["real"][_subset_index(real, ref)]
+        report["fidelity"][name].update(_fidelity_row(f[name], f_ref, det.name, k, n_boot, seed))
+        if crop_size:
+            report["fidelity"][name][f"cropFD_{det.name}"] = fd_estimate(
+                compute_features(det, image_crops(ref.images, crop_size, seed=seed), batch_size),
+                compute_features(det, image_crops(cand.images, crop_size, seed=seed), batch_size),
+                n_boot, seed,
+            )
+        if name in (SYNTHETIC, FLOOR):
+            per_class = _per_class_c2st(cand, ref, f[name], f_ref, seed, n_boot)
+            if per_class:
+                report["c2st_per_class"].setdefault(name, {})[det.name] = per_class
 
 
 def _subset_index(full: ImageSet, part: ImageSet) -> np.ndarray:
@@ -337,11 +349,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def write_report(report: dict[str, Any], out: str | Path, plots_data: dict | None = None, rows=None, syn=None, train=None) -> None:
+def _write_report(
+    report: dict[str, Any], out: Path, plots_data: dict, rows: dict, syn: ImageSet, train: ImageSet | None
+) -> None:
     """Write ``report.json``, ``report.md`` and the plots into ``out``."""
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _plots(out, plots_data, rows, syn, train) if plots_data else {}
+    figures = _plots(out, plots_data, rows, syn, train)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
     (out / "report.md").write_text(_markdown(report, figures))
 
@@ -355,12 +368,12 @@ def _plots(out: Path, data: dict, rows: dict, syn: ImageSet, train: ImageSet | N
 
     figures: dict[str, list[str]] = {}
     for det, f in data["features"].items():
-        pca = PCA(n_components=2, random_state=0).fit(f["real"])
+        pca = PCA(n_components=2, random_state=0).fit(np.concatenate([f["real"], *(f[name] for name in rows)]))
         fig, ax = plt.subplots(figsize=(6, 5))
         ax.scatter(*pca.transform(f["real"]).T, s=6, alpha=0.5, label="real (reference)", c="k")
         for name, colour in zip(rows, ["tab:red", "tab:blue", "tab:gray", "tab:orange"]):
             ax.scatter(*pca.transform(f[name]).T, s=6, alpha=0.5, label=name, c=colour)
-        ax.set(title=f"PCA of {det} features (fit on real)", xlabel="PC1", ylabel="PC2")
+        ax.set(title=f"PCA of {det} features (fit on all sets)", xlabel="PC1", ylabel="PC2")
         ax.legend(fontsize=7, markerscale=2)
         fig.tight_layout()
         name = f"pca_{_safe(det)}.png"

@@ -16,6 +16,7 @@ import warnings
 from typing import Callable, Sequence, TypedDict
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 __all__ = ["Estimate", "SmallSampleWarning", "bootstrap_ci", "estimate", "mean_estimate", "warn_if_small"]
 
@@ -60,13 +61,17 @@ def bootstrap_ci(
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
     values = []
-    for _ in range(n_boot):
-        if paired:
-            idx = rng.integers(0, sizes[0], sizes[0])
-            draws = [idx] * len(sizes)
-        else:
-            draws = [rng.integers(0, n, n) for n in sizes]
-        values.append(float(statistic(*draws)))
+    # Replicates are small linear-algebra problems (N <= a few thousand, D <= 2048): a
+    # multithreaded BLAS only adds synchronisation; measured 6.1 s vs 0.9 s for 50 FD
+    # replicates (N=300, D=256) on a loaded 2-core machine.
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(n_boot):
+            if paired:
+                idx = rng.integers(0, sizes[0], sizes[0])
+                draws = [idx] * len(sizes)
+            else:
+                draws = [rng.integers(0, n, n) for n in sizes]
+            values.append(float(statistic(*draws)))
     alpha = (1 - level) / 2
     if center is not None:
         from scipy.stats import norm

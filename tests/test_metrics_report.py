@@ -79,10 +79,23 @@ def test_pixgen_eval_offline_without_inception_weights_is_one_clear_line(folders
     assert code == 1 and len(err.splitlines()) == 1 and "--inception-weights" in err
 
 
-def test_evaluate_api_without_train_uses_a_split_half_floor(folders):
+def test_evaluate_api_without_train_with_crops_and_conditioning(folders, tmp_path):
+    from metrics.detectors import RandomConvDetector, compute_features
+    from metrics.images import load_image_folder
+
+    # conditions = the random-conv embeddings of the synthetic images themselves -> cosine 1
+    syn = load_image_folder(folders["synthetic"])
+    cond = tmp_path / "conditioning.npz"
+    np.savez(cond, files=np.array([p.rsplit("/", 1)[-1] for p in syn.paths]),
+             embeddings=compute_features(RandomConvDetector(seed=0), syn.images), encoder=np.array("random-conv"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallSampleWarning)
-        rep = evaluate(folders["test"], folders["synthetic"], detectors=["random-conv"], n_boot=0, utility=())
+        rep = evaluate(folders["test"], folders["synthetic"], detectors=["random-conv"], n_boot=0, utility=(),
+                       crop_size=112, conditioning=cond)
     assert list(rep["fidelity"]) == [SYNTHETIC, FLOOR_HALF, NOISE, BLUR]
     assert rep["memorisation"] == {} and "utility" not in rep
     assert np.isnan(rep["fidelity"][SYNTHETIC]["KID_random-conv"]["ci"][0])  # n_boot=0: no interval
+    assert rep["fidelity"][SYNTHETIC]["cropFD_random-conv"]["value"] > 0
+    assert rep["conditional"]["n"] == 14
+    assert rep["conditional"]["cos_generated_condition"]["value"] == pytest.approx(1.0, abs=1e-6)
+    assert "cos_real_same_class" in rep["conditional"]
