@@ -226,7 +226,7 @@ def list_detectors() -> list[str]:
     try:
         from pixgen.encoders import list_encoders
 
-        names += [f"encoder:{n}" for n in list_encoders()]
+        names += [f"encoder:{getattr(spec, 'name', spec)}" for spec in list_encoders()]
     except ImportError:  # encoder registry not available
         pass
     return names

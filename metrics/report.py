@@ -505,6 +505,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--conditioning", help=".npz with 'files' and 'embeddings' (and 'encoder') of the synthetic images' conditions")
     p.add_argument("--utility", default=",".join(LEARNERS), help="learners for utility: linear-probe,small-cnn, or 'none'")
     p.add_argument("--cnn-steps", type=int, default=150, help="training steps of the small CNN")
+    p.add_argument("--seg-steps", type=int, default=300, help="training steps of the nuclei U-Net (mask folders)")
     p.add_argument("--device", help="torch device for detectors (default cpu)")
     p.set_defaults(func=run)
 
@@ -533,5 +534,5 @@ def _evaluate_from_args(args: argparse.Namespace, utility: list[str]) -> dict[st
         detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
         inception_weights=args.inception_weights, max_images=args.max_images, seed=args.seed,
         n_boot=args.n_boot, k=args.k, crop_size=args.crop_size, conditioning=args.conditioning,
-        utility=utility, cnn_steps=args.cnn_steps, device=args.device, out=args.out,
+        utility=utility, cnn_steps=args.cnn_steps, seg_steps=args.seg_steps, device=args.device, out=args.out,
     )

@@ -15,6 +15,7 @@ from metrics.detectors import (
     RandomConvDetector,
     compute_features,
     get_detector,
+    list_detectors,
 )
 from pixgen.errors import InputError, ModelLoadError
 
@@ -43,6 +44,12 @@ def test_compute_features_batches_mixed_sizes():
     feats = compute_features(RandomConvDetector(), ims, batch_size=2)
     assert feats.shape == (3, 256)
     assert np.allclose(feats[0], compute_features(RandomConvDetector(), ims[:1])[0], atol=1e-6)
+
+
+def test_list_detectors_names_registry_encoders():
+    names = list_detectors()
+    assert {"inception", "random-conv"} <= set(names)
+    assert all(isinstance(n, str) for n in names) and any(n.startswith("encoder:") for n in names)
 
 
 def test_unknown_detector_names_the_choices():
