@@ -157,7 +157,15 @@ PRESETS: dict[str, TrainConfig] = {
         ema_decay=0.99, checkpoint_every=50, keep_checkpoints=2, sample_every=0, num_samples=4,
         sample_steps=4, log_every=10, bank_size=64, tensorboard=False,
     ),
-    # The default model: pixgen-S/2 on 256 px tiles through an f8 VAE (32x32 latents).
+    # The bundled default generator, sized to train in ~2 CPU-hours (docs/compute-plan.md):
+    # 8 x 256, patch 4 on the bundled f4 autoencoder's 32x32 latents of 128 px tiles at 0.5 um/px
+    # (64 tokens), conditioned on one pixgen-ssl token. Pass the autoencoder with --set vae=PATH.
+    "default-128": TrainConfig(
+        model="pixgen-XS", patch_size=4, image_size=128, mpp=0.5, encoder="pixgen-ssl", lr=3e-4,
+        batch_size=64, warmup_steps=200, max_steps=4000, mixed_precision="bf16", ema_decay=0.999,
+        checkpoint_every=250, sample_every=500, bank_size=2000,
+    ),
+    # pixgen-S/2 on 256 px tiles through an f8 VAE (32x32 latents): a GPU-sized model.
     "S-256": TrainConfig(model="pixgen-S/2", image_size=256, lr=2e-4, batch_size=32, warmup_steps=1000),
     "B-256": TrainConfig(model="pixgen-B/2", image_size=256, lr=1e-4, batch_size=32, warmup_steps=1000),
     # PixCell-style fine-tuning: epsilon + learned variance, LoRA on an existing XL/2 model.

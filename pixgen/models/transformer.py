@@ -38,6 +38,7 @@ __all__ = ["PixgenTransformer", "TransformerOutput", "PRESETS"]
 # Size presets: one registry. XL/2 is PixCell's (and PixArt-Sigma's) size, ~0.6 B parameters.
 PRESETS: dict[str, dict[str, int]] = {
     "pixgen-tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16),
+    "pixgen-XS": dict(num_layers=8, num_attention_heads=4, attention_head_dim=64),  # the bundled default (CPU-trained)
     "pixgen-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
     "pixgen-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
     "pixgen-XL/2": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),
