@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from pixgen.errors import InputError
+from pixgen.errors import InputError, ModelLoadError
 
 __all__ = ["add_parsers", "DEFAULT_MODEL"]
 
@@ -51,6 +51,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     enc.set_defaults(func=run_encoders)
 
 
+def _check_default_model(model: str) -> None:
+    """A clear message while the bundled default model is not part of this version."""
+    if Path(model) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
+        raise ModelLoadError(
+            "this pixgen version does not bundle its default model yet",
+            fix="pass --model DIR (e.g. RUN/final from `pixgen train`, or a PixCell checkpoint folder)",
+        )
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -62,6 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}")
+    _check_default_model(args.model)
     out = Path(args.out)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -114,6 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from pixgen.pipeline import Generator
 
+    _check_default_model(args.model)
     gen = Generator.from_pretrained(args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path)
     desc = {"model": str(args.model), **gen.describe()}
     if args.json:

@@ -102,3 +102,11 @@ def test_generate_with_control_mask(tmp_path):
     assert read_provenance(tmp_path / "a" / "0000.png")["control_images"] == [str(tmp_path / "mask.png")]
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
+
+
+def test_missing_bundled_model_says_so(monkeypatch, tmp_path, capsys):
+    from pixgen import commands
+
+    monkeypatch.setattr(commands, "DEFAULT_MODEL", tmp_path / "pixgen-default")
+    assert main(["generate", "--model", str(tmp_path / "pixgen-default"), "--out", str(tmp_path / "o")]) == 1
+    assert "does not bundle its default model yet" in capsys.readouterr().err
