@@ -426,8 +426,11 @@ def _start_index(root: Path, plan: dict[str, Any], dataset: Any, vae: Any, encod
         enc_rel = "encoder"
     mpps = sorted({round(float(dataset[i]["mpp"]), 6) for i in {0, len(dataset) - 1}})
     spec = encoder.spec
-    if abs(spec.mpp - mpps[0]) / spec.mpp > 0.25:
-        warnings.warn(f"tiles are at {mpps[0]} um/px but encoder {spec.name!r} was trained at {spec.mpp} um/px",
+    side = np.asarray(dataset[0]["image"]).shape[0] // max(grid, 1)  # pixels the encoder sees per (sub-)tile
+    seen_mpp = mpps[0] * side / spec.input_size  # the encoder resizes its input to input_size
+    if abs(spec.mpp - seen_mpp) / spec.mpp > 0.25:
+        warnings.warn(f"the encoder sees {seen_mpp:.3g} um/px ({side} px tiles at {mpps[0]} um/px resized to "
+                      f"{spec.input_size} px) but {spec.name!r} was trained at {spec.mpp} um/px",
                       stacklevel=3)
     index = {
         "format": FORMAT, "version": VERSION, "complete": False, "count": 0, "planned": plan["count"],

@@ -1,0 +1,150 @@
+"""Reproduce the bundled default models on a CPU: one resumable command.
+
+    nice -n 19 python -m training.default_models --data ../shared/data --work runs/default
+    python -m training.default_models --data ../shared/data --work runs/default --export pixgen/weights
+
+Stages, each skipped when its output exists and resumed from its checkpoint when interrupted
+(sizes and step counts: docs/compute-plan.md):
+
+1. ``ae``        ``training.autoencoder`` (f4, 4 channels)         -> WORK/ae/export
+2. ``ssl``       ``training.ssl`` (DINO ViT ``pixgen-ssl``)         -> WORK/ssl/export
+3. ``tiles``     64 um fields as 128 px at 0.5 um/px, one folder per label (LC25000 grouped-train
+                 classes, ``consep``, ``monuseg``)                    -> WORK/tiles/{label}/
+4. ``features``  ``pixgen features`` (latents + pixgen-ssl embeddings) -> WORK/cache
+5. ``generator`` ``pixgen train --preset default-128``               -> WORK/gen/final
+6. ``export``    (with ``--export DIR``) fp16 weights: DIR/pixgen-ssl (the registry's bundled
+                 encoder) and DIR/pixgen-default (the Generator; its encoder is ``pixgen-ssl``)
+
+Held-out data (LC25000 grouped val/test, CoNSeP test, MoNuSeg test) never enters any stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["main", "write_tiles"]
+
+TILE = 128  # px at 0.5 um/px: a 64 um field, what pixgen-ssl embeds
+
+
+def _train_stage(module: str, data: Path, out: Path, steps: int | None, split: Path, eval_limit: int) -> Path:
+    """Run ``training.autoencoder`` / ``training.ssl`` to completion (resuming), then export."""
+    import importlib
+
+    export = out / "export"
+    if (export / "config.json").is_file():
+        return export
+    main = importlib.import_module(module).main
+    args = ["--data", str(data), "--out", str(out), "--threads", "1", "--lc-split", str(split)]
+    args += ["--max-steps", str(steps)] if steps else []
+    main(args + (["--resume"] if (out / "checkpoint.pt").is_file() else []))
+    main(["--out", str(out), "--eval-only", "--eval-limit", str(eval_limit), "--export", str(export)])
+    return export
+
+
+def _crop_center(img: Image.Image, size: int) -> Image.Image:
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _sources(data: Path, split_cache: Path, limit: int | None):
+    """(label, image) pairs of the training splits, as 64 um fields (128 px at 0.5 um/px)."""
+    from training.data.splits import lc25000_grouped_split
+
+    split = lc25000_grouped_split(data / "lc25000-lung", cache=split_cache)
+    for path in split.files("train")[:limit]:  # ~0.5 um/px, 224 px: the central 64 um
+        yield path.parent.name, _crop_center(Image.open(path).convert("RGB"), TILE)
+    for path in sorted((data / "consep" / "train" / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 256 px
+        yield "consep", Image.open(path).convert("RGB").resize((TILE, TILE), Image.LANCZOS)
+    for path in sorted((data / "monuseg" / "train" / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 1000 px
+        img = Image.open(path).convert("RGB")
+        for y in range(0, img.height - 255, 256):
+            for x in range(0, img.width - 255, 256):
+                yield "monuseg", img.crop((x, y, x + 256, y + 256)).resize((TILE, TILE), Image.LANCZOS)
+
+
+def write_tiles(data: Path, out: Path, split_cache: Path, limit: int | None = None) -> Path:
+    """Write the training tiles once; a partial folder is rebuilt (it is only renamed when complete)."""
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts: dict[str, int] = {}
+    for label, img in _sources(data, split_cache, limit):
+        (tmp / label).mkdir(parents=True, exist_ok=True)
+        img.save(tmp / label / f"{counts.get(label, 0):05d}.png")
+        counts[label] = counts.get(label, 0) + 1
+    (tmp / "tiles.json").write_text(json.dumps({"size": TILE, "mpp": 0.5, "counts": counts}, indent=2))
+    os.replace(tmp, out)
+    return out
+
+
+def _generator_stage(work: Path, ae: Path, ssl: Path, tiles: Path, steps: int | None) -> Path:
+    from pixgen.cli import main as pixgen
+
+    final = work / "gen" / "final"
+    if (final / "model_index.json").is_file():
+        return final
+    cache = work / "cache"
+    if not (cache / "index.json").is_file() or not json.loads((cache / "index.json").read_text()).get("complete"):
+        _ok(pixgen(["features", str(tiles), "--vae", str(ae), "--encoder", str(ssl), "--mpp", "0.5",
+                    "--size", str(TILE), "--out", str(cache)]), "features")
+    args = ["train", "--preset", "default-128", "--data", str(cache), "--out", str(work / "gen")]
+    args += ["--max-steps", str(steps)] if steps else []
+    _ok(pixgen(args + (["--resume"] if (work / "gen" / "config.json").is_file() else [])), "train")
+    return final
+
+
+def _ok(code: int, stage: str) -> None:
+    if code:
+        raise SystemExit(f"stage {stage} failed (exit {code}); rerun the same command to resume")
+
+
+def export(final: Path, ssl: Path, dest: Path) -> Path:
+    """fp16 copies: DIR/pixgen-ssl (bundled encoder) and DIR/pixgen-default (encoder by name)."""
+    import torch
+
+    from pixgen.encoders import load_encoder
+    from pixgen.pipeline import Generator
+
+    load_encoder(str(ssl)).to(torch.float16).save_pretrained(dest / "pixgen-ssl")
+    gen = Generator.from_pretrained(final)
+    gen.config.update(encoder="pixgen-ssl", encoder_path=None)  # the registry's bundled weights
+    gen.transformer.to(torch.float16)
+    gen.vae.to(torch.float16)
+    return gen.save_pretrained(dest / "pixgen-default")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.default_models", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, type=Path, help="the shared data folder (../shared/data)")
+    ap.add_argument("--work", required=True, type=Path, help="run folder (outside the repository)")
+    ap.add_argument("--export", type=Path, help="write the fp16 bundled weights here (e.g. pixgen/weights)")
+    ap.add_argument("--ae-steps", type=int, help="override the autoencoder's steps (smoke runs)")
+    ap.add_argument("--ssl-steps", type=int, help="override the SSL encoder's steps (smoke runs)")
+    ap.add_argument("--gen-steps", type=int, help="override the generator's steps (smoke runs)")
+    ap.add_argument("--limit", type=int, help="at most N images per source (smoke runs)")
+    ap.add_argument("--eval-limit", type=int, default=0, help="held-out images per source in the final evaluations (0: all)")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    split = args.work / "lc25000_split.json"
+    ae = _train_stage("training.autoencoder", args.data, args.work / "ae", args.ae_steps, split, args.eval_limit)
+    ssl = _train_stage("training.ssl", args.data, args.work / "ssl", args.ssl_steps, split, args.eval_limit)
+    tiles = write_tiles(args.data, args.work / "tiles", args.work / "near-duplicates.json", args.limit)
+    final = _generator_stage(args.work, ae, ssl, tiles, args.gen_steps)
+    if args.export:
+        print(f"exported {export(final, ssl, args.export)}")
+    print(f"done: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
