@@ -139,7 +139,7 @@ def synthetic_cache(out: str | Path, n: int = 64, latent: tuple[int, int, int] =
             return torch.from_numpy(latents[rows(((images + 1) * 127.5).round().to(torch.uint8))])
 
     class Enc(torch.nn.Module):
-        spec = type("Spec", (), {"name": "synthetic", "mpp": 0.5, "source": "synthetic"})()
+        spec = type("Spec", (), {"name": "synthetic", "mpp": 0.5, "source": "synthetic", "input_size": h})()
 
         def __init__(self):
             super().__init__()
