@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from training.dataclass_cli import add_dataclass_flags
+
 __all__ = [
     "AEConfig",
     "CropSampler",
@@ -642,15 +644,7 @@ def _config_from_dict(data: dict[str, Any]) -> AEConfig:
 def build_parser() -> argparse.ArgumentParser:
     """CLI: every `AEConfig` field is a ``--flag``; plus ``--resume``, ``--eval-only``, ``--export``."""
     p = argparse.ArgumentParser(prog="python -m training.autoencoder", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(AEConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "block_out_channels":
-            p.add_argument(flag, type=int, nargs="+", default=None)
-        elif f.name != "source_weights":
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None)
+    add_dataclass_flags(p, AEConfig, int_lists=("block_out_channels",))
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint, set latent scale/shift")
     p.add_argument("--export", default=None, help="with --eval-only: write the fp16 model here")

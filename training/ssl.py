@@ -56,6 +56,7 @@ from training.autoencoder import (
     source_files,
     warmup_cosine,
 )
+from training.dataclass_cli import add_dataclass_flags
 
 __all__ = [
     "DINOHead",
@@ -526,12 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     """CLI: scalar `SSLConfig` fields as ``--flags``, ``--depth``/``--width``/``--patch-size``, and
     ``--resume``, ``--eval-only``, ``--export``."""
     p = argparse.ArgumentParser(prog="python -m training.ssl", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(SSLConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif str(f.type) in ("int", "float", "str", "str | None"):
-            p.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), str), default=None)
+    add_dataclass_flags(p, SSLConfig)
     for name in ("depth", "width", "patch_size", "heads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"ViT {name}")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
