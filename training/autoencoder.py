@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from training.dataclass_cli import add_dataclass_flags
+from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
 
 __all__ = [
     "AEConfig",
@@ -645,9 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     """CLI: every `AEConfig` field is a ``--flag``; plus ``--resume``, ``--eval-only``, ``--export``."""
     p = argparse.ArgumentParser(prog="python -m training.autoencoder", description=__doc__.split("\n")[0])
     add_dataclass_flags(p, AEConfig, int_lists=("block_out_channels",))
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint, set latent scale/shift")
-    p.add_argument("--export", default=None, help="with --eval-only: write the fp16 model here")
+    add_run_flags(p, ", set latent scale/shift", "model")
     return p
 
 
@@ -655,8 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m training.autoencoder``."""
     args = vars(build_parser().parse_args(argv))
     resume, eval_only, export = args.pop("resume"), args.pop("eval_only"), args.pop("export")
-    saved = Path(args["out"] or AEConfig.out) / "config.json"
-    base = json.loads(saved.read_text()) if (resume or eval_only) and saved.is_file() else {}
+    base = saved_config(args["out"] or AEConfig.out, resume or eval_only)
     cfg = _config_from_dict({**base, **{k: v for k, v in args.items() if v is not None}})
     if eval_only:
         print(json.dumps(finalize(cfg, export, cfg.eval_limit), indent=2))

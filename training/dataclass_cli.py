@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["add_dataclass_flags"]
+__all__ = ["add_dataclass_flags", "add_run_flags", "saved_config"]
 
 SCALARS = {"int": int, "float": float, "str": str, "str | None": str}
 
@@ -36,3 +39,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, int_lists: S
         elif kind in SCALARS:
             parser.add_argument(flag, type=SCALARS[kind], default=None)
     return parser
+
+
+def add_run_flags(parser: argparse.ArgumentParser, evaluates: str, exports: str) -> argparse.ArgumentParser:
+    """``--resume``, ``--eval-only`` (what it ``evaluates``) and ``--export`` (what it ``exports``)."""
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--eval-only", action="store_true", help=f"evaluate the checkpoint{evaluates}")
+    parser.add_argument("--export", default=None, help=f"with --eval-only: write the fp16 {exports} here")
+    return parser
+
+
+def saved_config(out: str, wanted: bool) -> dict[str, Any]:
+    """The run's saved ``config.json`` when resuming or evaluating (``wanted``), else ``{}``."""
+    path = Path(out) / "config.json"
+    return json.loads(path.read_text()) if wanted and path.is_file() else {}

@@ -56,7 +56,7 @@ from training.autoencoder import (
     source_files,
     warmup_cosine,
 )
-from training.dataclass_cli import add_dataclass_flags
+from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
 
 __all__ = [
     "DINOHead",
@@ -530,9 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, SSLConfig)
     for name in ("depth", "width", "patch_size", "heads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"ViT {name}")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint against a random-init ViT")
-    p.add_argument("--export", default=None, help="with --eval-only: write the fp16 encoder here")
+    add_run_flags(p, " against a random-init ViT", "encoder")
     return p
 
 
@@ -542,8 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume, eval_only, export = args.pop("resume"), args.pop("eval_only"), args.pop("export")
     arch = {"depth": args.pop("depth"), "embed_dim": args.pop("width"), "patch_size": args.pop("patch_size"),
             "num_heads": args.pop("heads")}
-    saved = Path(args["out"] or SSLConfig.out) / "config.json"
-    base = json.loads(saved.read_text()) if (resume or eval_only) and saved.is_file() else {}
+    base = saved_config(args["out"] or SSLConfig.out, resume or eval_only)
     cfg = _config_from_dict({**base, **{k: v for k, v in args.items() if v is not None}})
     cfg.model_args = {**cfg.model_args, **{k: v for k, v in arch.items() if v is not None}, "img_size": cfg.global_size}
     if eval_only:
