@@ -55,34 +55,35 @@ def _crop_center(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _sources(data: Path, split_cache: Path, limit: int | None):
-    """(label, image) pairs of the training splits, as 64 um fields (128 px at 0.5 um/px)."""
+def _sources(data: Path, split_cache: Path, limit: int | None, split: str = "train"):
+    """(label, image) pairs of one split (``train`` or ``test``), as 64 um fields (128 px at 0.5 um/px)."""
     from training.data.splits import lc25000_grouped_split
 
-    split = lc25000_grouped_split(data / "lc25000-lung", cache=split_cache)
-    for path in split.files("train")[:limit]:  # ~0.5 um/px, 224 px: the central 64 um
+    lc = lc25000_grouped_split(data / "lc25000-lung", cache=split_cache)
+    for path in lc.files(split)[:limit]:  # ~0.5 um/px, 224 px: the central 64 um
         yield path.parent.name, _crop_center(Image.open(path).convert("RGB"), TILE)
-    for path in sorted((data / "consep" / "train" / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 256 px
+    for path in sorted((data / "consep" / split / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 256 px
         yield "consep", Image.open(path).convert("RGB").resize((TILE, TILE), Image.LANCZOS)
-    for path in sorted((data / "monuseg" / "train" / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 1000 px
+    for path in sorted((data / "monuseg" / split / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 1000 px
         img = Image.open(path).convert("RGB")
         for y in range(0, img.height - 255, 256):
             for x in range(0, img.width - 255, 256):
                 yield "monuseg", img.crop((x, y, x + 256, y + 256)).resize((TILE, TILE), Image.LANCZOS)
 
 
-def write_tiles(data: Path, out: Path, split_cache: Path, limit: int | None = None) -> Path:
-    """Write the training tiles once; a partial folder is rebuilt (it is only renamed when complete)."""
+def write_tiles(data: Path, out: Path, split_cache: Path, limit: int | None = None, split: str = "train") -> Path:
+    """Write one split's tiles once, a folder per label; a partial folder is rebuilt (it is only
+    renamed to ``out`` when complete)."""
     if out.is_dir():
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     counts: dict[str, int] = {}
-    for label, img in _sources(data, split_cache, limit):
+    for label, img in _sources(data, split_cache, limit, split):
         (tmp / label).mkdir(parents=True, exist_ok=True)
         img.save(tmp / label / f"{counts.get(label, 0):05d}.png")
         counts[label] = counts.get(label, 0) + 1
-    (tmp / "tiles.json").write_text(json.dumps({"size": TILE, "mpp": 0.5, "counts": counts}, indent=2))
+    (tmp / "tiles.json").write_text(json.dumps({"size": TILE, "mpp": 0.5, "split": split, "counts": counts}, indent=2))
     os.replace(tmp, out)
     return out
 

@@ -1,0 +1,225 @@
+"""The quality report of the bundled default model (``docs/default-quality.md``): one resumable command.
+
+    python -m training.default_report --data ../shared/data --work /work/runs/default \\
+        --detector /work/runs/detector-cnn --docs docs/default-quality
+
+Stages, each skipped when its output exists (``WORK`` is the run folder of
+``training.default_models``; its ``tiles/`` are the training tiles):
+
+1. ``real``       held-out tiles, the same 64 um fields at 0.5 um/px as training: LC25000
+                  grouped test (3 classes), CoNSeP test, MoNuSeg test   -> WORK/report/real/{label}/
+2. ``synthetic``  ``--n`` images per bank label, each conditioned on a bank embedding (a
+                  training tile's), + ``conditioning.npz``             -> WORK/report/synthetic/{label}/
+3. ``sheets``     real held-out | generated, 16 + 16 tiles per label   -> DOCS/sheet_{label}.jpg
+4. ``eval``       ``pixgen eval`` (the commands are printed and recorded): LC25000 3-class with
+                  utility, then CoNSeP and MoNuSeg (fidelity, memorisation) -> WORK/report/eval-*/,
+                  each report.md and its plots copied to DOCS/{lc25000,consep,monuseg}/
+5. ``targets``    the issue's targets against the measured numbers      -> DOCS/targets.md
+
+Detectors: ``encoder:pixgen-ssl`` (the bundled encoder: the generator was conditioned on it) and
+``classifier:DIR`` (a supervised tissue CNN trained independently, ``python -m metrics.classifier``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+from datetime import date
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["main", "targets_markdown", "side_by_side"]
+
+LC_CLASSES = ("lung_aca", "lung_n", "lung_scc")
+SOURCES = ("consep", "monuseg")
+
+
+def _ensure_real(data: Path, work: Path) -> Path:
+    from training.default_models import write_tiles
+
+    return write_tiles(data, work / "report" / "real", work / "near-duplicates.json", split="test")
+
+
+def _ensure_synthetic(model: str, out: Path, n: int, steps: int | None, seed: int) -> Path:
+    """``n`` images per bank label, named ``{label}_{i:04d}.png`` (unique across labels, as the
+    conditioning file matches by name); written label by label, so an interruption loses one label."""
+    import torch
+
+    from pixgen.io import save_png
+    from pixgen.pipeline import Generator
+
+    gen = Generator.from_pretrained(model)
+    files: list[str] = []
+    embeddings: list[np.ndarray] = []
+    for k, label in enumerate(gen.embedding_bank.labels):
+        folder = out / label
+        label_seed = seed + 100_000 * k
+        cond = gen.embedding_bank.sample(label, n, seed=label_seed)
+        names = [f"{label}_{i:04d}.png" for i in range(n)]
+        if not (folder / names[-1]).is_file():
+            tmp = out / f"{label}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            res = gen.generate(embeddings=cond, num_images=1, num_inference_steps=steps, seed=label_seed, batch_size=64)
+            for name, img, s in zip(names, res.images, res.seeds):
+                save_png(img, tmp / name, provenance={"model": model, "label": label, "seed": s})
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+            print(f"generated {n} x {label}", flush=True)
+        files += names
+        embeddings.append(cond.values.reshape(n, -1).float().numpy())
+    np.savez(out / "conditioning.npz", files=np.array(files), embeddings=np.concatenate(embeddings),
+             encoder=np.array(gen.config["encoder"]))
+    return out
+
+
+def side_by_side(real: list[Image.Image], generated: list[Image.Image], title: str) -> Image.Image:
+    """One image: the real grid on the left, the generated grid on the right, captioned."""
+    from pixgen.io import contact_sheet
+
+    left, right = contact_sheet(real, columns=4), contact_sheet(generated, columns=4)
+    top, gap = 18, 12
+    sheet = Image.new("RGB", (left.width + gap + right.width, top + max(left.height, right.height)), "white")
+    sheet.paste(left, (0, top))
+    sheet.paste(right, (left.width + gap, top))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), f"{title}: real held-out", fill="black")
+    draw.text((left.width + gap + 4, 3), f"{title}: generated", fill="black")
+    return sheet
+
+
+def _sheets(real: Path, synthetic: Path, docs: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for folder in sorted(p for p in synthetic.iterdir() if p.is_dir()):
+        real_files = sorted((real / folder.name).glob("*.png"))
+        pick = rng.choice(len(real_files), size=min(16, len(real_files)), replace=False)
+        side_by_side([Image.open(real_files[i]) for i in sorted(pick)],
+                     [Image.open(p) for p in sorted(folder.glob("*.png"))[:16]],
+                     folder.name).save(docs / f"sheet_{folder.name}.jpg", quality=88)
+
+
+def _views(report: Path, tiles: Path) -> dict[str, dict[str, Path]]:
+    """Folders ``pixgen eval`` reads: the LC25000 classes together, each other source alone."""
+    lc = report / "views"
+    for kind, root in (("real", report / "real"), ("synthetic", report / "synthetic"), ("train", tiles)):
+        for cls in LC_CLASSES:
+            link = lc / kind / cls
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to((root / cls).resolve(), target_is_directory=True)
+    sets = {"lc25000": {k: lc / k for k in ("real", "synthetic", "train")}}
+    for src in SOURCES:
+        sets[src] = {"real": report / "real" / src, "synthetic": report / "synthetic" / src, "train": tiles / src}
+    return sets
+
+
+def _eval_commands(sets: dict[str, dict[str, Path]], report: Path, detectors: str, n_boot: int) -> dict[str, list[str]]:
+    cond = report / "synthetic" / "conditioning.npz"
+    commands = {}
+    for name, s in sets.items():
+        cmd = ["pixgen", "eval", "--real", str(s["real"]), "--synthetic", str(s["synthetic"]), "--train", str(s["train"]),
+               "--out", str(report / f"eval-{name}"), "--detectors", detectors, "--conditioning", str(cond),
+               "--seed", "0", "--n-boot", str(n_boot)]
+        commands[name] = cmd + ([] if name == "lc25000" else ["--utility", "none"])
+    return commands
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def targets_markdown(reports: dict[str, dict[str, Any]], generate_seconds: float | None) -> str:
+    """The issue's targets, each with the measured figure and whether it is met."""
+    from metrics.report import FLOOR, SYNTHETIC
+
+    rows = []
+    if generate_seconds is not None:
+        rows.append(("`pixgen generate --n 16` (first call included)", "<= 120 s", f"{generate_seconds:.1f} s",
+                     _verdict(generate_seconds <= 120)))
+    for name, rep in reports.items():
+        syn, floor = rep["fidelity"][SYNTHETIC], rep["fidelity"].get(FLOOR, {})
+        for key in (k for k in syn if k.startswith("FD_")):
+            det = key[3:]
+            ratio = syn[key]["value"] / floor[key]["value"] if key in floor else float("nan")
+            rows.append((f"{name}: FD `{det}` / floor", "<= 3", f"{syn[key]['value']:.4g} / {floor[key]['value']:.4g} = {ratio:.2f}",
+                         _verdict(ratio <= 3)))
+        for key in (k for k in syn if k.startswith("C2ST_")):
+            rows.append((f"{name}: C2ST `{key[5:]}`", "<= 0.80", f"{syn[key]['value']:.3f}", _verdict(syn[key]["value"] <= 0.8)))
+        for det, m in rep.get("memorisation", {}).items():
+            rows.append((f"{name}: memorised copies `{det}`", "0", str(m["n_suspects"]), _verdict(m["n_suspects"] == 0)))
+        c = rep.get("conditional", {})
+        if "cos_real_same_class" in c:
+            g, same = c["cos_generated_condition"], c["cos_real_same_class"]
+            rows.append((f"{name}: conditional fidelity (cosine, `{c['detector']}`)", "clearly above random same-class pairs",
+                         f"{g['value']:.3f} [{g['ci'][0]:.3f}, {g['ci'][1]:.3f}] vs {same['value']:.3f}",
+                         _verdict(g["ci"][0] > same["ci"][1])))
+        for learner, t in rep.get("utility", {}).get("tstr", {}).items():
+            tstr, trtr = t["train_on_synthetic"]["accuracy"]["value"], t["train_on_real"]["accuracy"]["value"]
+            rows.append((f"{name}: TSTR accuracy, {learner}", "within 10 points of TRTR", f"{tstr:.3f} vs {trtr:.3f}",
+                         _verdict(trtr - tstr <= 0.10)))
+        for learner, aug in rep.get("utility", {}).get("augmentation", {}).items():
+            for r in (r for r in aug if r["fraction"] == 0.01):
+                gain = r["accuracy_gain"]
+                rows.append((f"{name}: real+synthetic vs real at 1 % real, {learner}", "not worse (gain CI reaches 0 or above)",
+                             f"{r['real+synthetic']['accuracy']['value']:.3f} vs {r['real']['accuracy']['value']:.3f} "
+                             f"(gain {gain['value']:+.3f} [{gain['ci'][0]:+.3f}, {gain['ci'][1]:+.3f}])",
+                             _verdict(gain["ci"][1] >= 0)))
+    lines = ["| target | wanted | measured | verdict |", "|---|---|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]) + "\n"
+
+
+def _time_generate(model: str, out: Path) -> float:
+    """Wall seconds of the README's command in a fresh process (model load and first call included)."""
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pixgen.cli", "generate", "--model", model, "--n", "16", "--out", str(out)], check=True)
+    return time.perf_counter() - t0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.default_report", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, type=Path, help="the shared data folder (../shared/data)")
+    ap.add_argument("--work", required=True, type=Path, help="the training run folder (training.default_models --work)")
+    ap.add_argument("--model", default="pixgen/weights/pixgen-default", help="the generator to evaluate")
+    ap.add_argument("--detector", required=True, type=Path, help="the independent detector (python -m metrics.classifier)")
+    ap.add_argument("--docs", required=True, type=Path, help="where sheets, reports and targets.md go")
+    ap.add_argument("--n", type=int, default=200, help="synthetic images per label")
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from pixgen.cli import main as pixgen
+
+    report = args.work / "report"
+    real = _ensure_real(args.data, args.work)
+    synthetic = _ensure_synthetic(args.model, report / "synthetic", args.n, args.steps, args.seed)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    _sheets(real, synthetic, args.docs, args.seed)
+    detectors = f"encoder:pixgen-ssl,classifier:{args.detector}"
+    reports, run = {}, []
+    for name, cmd in _eval_commands(_views(report, args.work / "tiles"), report, detectors, args.n_boot).items():
+        out = report / f"eval-{name}"
+        if not (out / "report.json").is_file():
+            print("$ " + shlex.join(cmd), flush=True)
+            if pixgen(cmd[1:]):
+                raise SystemExit(f"pixgen eval failed for {name}; rerun the same command to resume")
+        run.append(shlex.join(cmd))
+        shutil.copytree(out, args.docs / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.json", "*.npz"))
+        reports[name] = json.loads((out / "report.json").read_text())
+    seconds = _time_generate(args.model, report / "generate-16")
+    header = f"Measured {date.today()} by `python -m training.default_report` ({args.n} images per label).\n\n"
+    (args.docs / "targets.md").write_text(header + targets_markdown(reports, seconds) + "\nCommands:\n\n```bash\n"
+                                          + "\n".join(run) + "\n```\n")
+    print((args.docs / "targets.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
