@@ -52,11 +52,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_default_model(model: str) -> None:
-    """A clear message while the bundled default model is not part of this version."""
-    if Path(model) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
+    """A clear message when the bundled default model is missing (a partial checkout or copy)."""
+    if Path(model) == DEFAULT_MODEL and not (DEFAULT_MODEL / "model_index.json").is_file():
         raise ModelLoadError(
-            "this pixgen version does not bundle its default model yet",
-            fix="pass --model DIR (e.g. RUN/final from `pixgen train`, or a PixCell checkpoint folder)",
+            f"the bundled default model is missing from {DEFAULT_MODEL}",
+            fix="reinstall pixgen from a complete checkout (the weights are committed under pixgen/weights), "
+            "or pass --model DIR (e.g. RUN/final from `pixgen train`, or a PixCell checkpoint folder)",
         )
 
 

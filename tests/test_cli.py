@@ -109,4 +109,4 @@ def test_missing_bundled_model_says_so(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(commands, "DEFAULT_MODEL", tmp_path / "pixgen-default")
     assert main(["generate", "--model", str(tmp_path / "pixgen-default"), "--out", str(tmp_path / "o")]) == 1
-    assert "does not bundle its default model yet" in capsys.readouterr().err
+    assert "bundled default model is missing from" in capsys.readouterr().err
