@@ -13,6 +13,10 @@ name                D      preprocessing
 ``encoder:NAME``    enc    the pixgen encoder's own preprocessing (``load_encoder(NAME)``);
                            ``encoder:NAME@PATH`` loads the weights from a local path;
                            ``encoder:DIR`` an encoder saved with ``save_pretrained``
+``classifier:DIR``  128    bilinear resize with antialias to 64x64, x / 127.5 - 1; pooled
+                           penultimate features of a small CNN tissue classifier trained
+                           from scratch with labels (``metrics.classifier``), independent
+                           of the generator's conditioning encoder
 ``random-conv``     256    bilinear resize with antialias to 128x128, x / 127.5 - 1, then a
                            4-layer conv net with fixed seeded random weights. A SANITY
                            detector for tests and offline smoke runs only: its numbers are
@@ -221,8 +225,9 @@ class EncoderDetector(Detector):
 
 
 def list_detectors() -> list[str]:
-    """Detector names that ``get_detector`` accepts (encoders as ``encoder:NAME``)."""
-    names = ["inception", "random-conv"]
+    """Detector names that ``get_detector`` accepts (encoders as ``encoder:NAME``;
+    ``classifier:DIR`` stands for any folder written by ``metrics.classifier``)."""
+    names = ["inception", "random-conv", "classifier:DIR"]
     try:
         from pixgen.encoders import list_encoders
 
@@ -241,12 +246,15 @@ def get_detector(
     seed: int = 0,
 ) -> Detector:
     """A detector by name: ``inception``, ``random-conv``, ``encoder:NAME``, ``encoder:NAME@PATH``
-    (registry encoder, weights from a local directory) or ``encoder:DIR`` (a saved encoder).
+    (registry encoder, weights from a local directory), ``encoder:DIR`` (a saved encoder) or
+    ``classifier:DIR`` (a tissue classifier trained by ``metrics.classifier``).
 
     Example:
         >>> get_detector("random-conv").name
         'random-conv'
         >>> get_detector("encoder:uni2-h@/models/uni2-h")       # doctest: +SKIP
+        >>> get_detector("classifier:runs/detector-cnn").dim    # doctest: +SKIP
+        128
     """
     if name == "inception":
         return InceptionDetector(inception_weights, device=device)
@@ -257,9 +265,16 @@ def get_detector(
         if not enc_name:
             raise InputError(f"detector {name!r} names no encoder", fix="use encoder:NAME or encoder:NAME@PATH")
         return EncoderDetector.load(enc_name, local_path=local_path or None, token=token, device=device)
+    if name.startswith("classifier:"):
+        from metrics.classifier import ClassifierDetector  # imports this module
+
+        folder = name[len("classifier:") :]
+        if not folder:
+            raise InputError(f"detector {name!r} names no folder", fix="use classifier:DIR, DIR written by python -m metrics.classifier")
+        return ClassifierDetector(folder, device=device)
     raise InputError(
         f"unknown detector {name!r}",
-        fix="use inception, random-conv, encoder:NAME or encoder:NAME@LOCAL_PATH",
+        fix="use inception, random-conv, encoder:NAME, encoder:NAME@LOCAL_PATH or classifier:DIR",
     )
 
 

@@ -130,24 +130,31 @@ def linear_probe(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: 
 
 
 class SmallCNN(nn.Module):
-    """Four conv-BN-ReLU-maxpool blocks (16-32-64-64 channels, ~14 M multiply-adds per 64 px
-    image, ~60 k parameters) and a linear head: small enough to train on a CPU in seconds.
+    """Four conv-BN-ReLU-maxpool blocks (16-32-64-``width`` channels; with the default 64, ~14 M
+    multiply-adds per 64 px image, ~60 k parameters) and a linear head: small enough to train
+    on a CPU in seconds. :meth:`embed` gives the pooled ``width``-d penultimate features.
 
     Example:
         >>> SmallCNN(3)(torch.zeros(2, 3, 64, 64)).shape
         torch.Size([2, 3])
+        >>> SmallCNN(3, width=128).embed(torch.zeros(2, 3, 64, 64)).shape
+        torch.Size([2, 128])
     """
 
-    def __init__(self, n_classes: int):
+    def __init__(self, n_classes: int, width: int = 64):
         super().__init__()
         layers: list[nn.Module] = []
-        for c_in, c_out in [(3, 16), (16, 32), (32, 64), (64, 64)]:
+        for c_in, c_out in [(3, 16), (16, 32), (32, 64), (64, width)]:
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*layers)  # (B, 64, 4, 4) for 64 px
-        self.head = nn.Linear(64, n_classes)
+        self.features = nn.Sequential(*layers)  # (B, width, 4, 4) for 64 px
+        self.head = nn.Linear(width, n_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally average-pooled last-block features, (B, width)."""
+        return self.features(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))  # (B, n_classes)
+        return self.head(self.embed(x))  # (B, n_classes)
 
 
 def _small_inputs(images: Sequence[np.ndarray], size: int = 64) -> torch.Tensor:
