@@ -41,7 +41,7 @@ from metrics.images import load_image_folder, stratified_subsample
 from metrics.utility import SmallCNN, classification_scores
 from pixgen.errors import InputError, ModelLoadError, PixgenError
 
-__all__ = ["INPUT_SIZE", "WIDTH", "preprocess", "train_classifier", "ClassifierDetector", "main"]
+__all__ = ["INPUT_SIZE", "WIDTH", "preprocess", "train_classifier", "score_classifier", "ClassifierDetector", "main"]
 
 INPUT_SIZE = 64
 WIDTH = 128  # last-block channels = feature dimension
@@ -236,21 +236,47 @@ class ClassifierDetector(Detector):
         return self.model.embed(preprocess(images.to(self.device), self.input_size))  # (N, width)
 
 
+def score_classifier(folder: str | Path, test: str | Path) -> dict[str, Any]:
+    """Accuracy of a saved classifier on a held-out folder with the same label subfolders.
+
+    Example:
+        >>> score_classifier("runs/detector-cnn", "runs/real-test")["accuracy"]   # doctest: +SKIP
+        0.93
+    """
+    det = ClassifierDetector(folder)
+    x, y, labels = _load_inputs(Path(test))
+    if labels != det.labels:
+        raise InputError(f"{test} has labels {labels}, the classifier {det.labels}", fix="use a folder with the classifier's label subfolders")
+    pred = _predict(det.model, x)
+    per_class = [float((pred[y == k] == k).mean()) for k in range(len(labels))]
+    return {"test": str(test), "n": len(y), "accuracy": float((pred == y).mean()), "balanced_accuracy": float(np.mean(per_class)),
+            "per_class": dict(zip(labels, per_class))}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: train a classifier detector and print its summary as JSON."""
+    """CLI: train a classifier detector (``--train``), score it on held-out data (``--test``);
+    print the summaries as JSON."""
     ap = argparse.ArgumentParser(prog="python -m metrics.classifier", description=__doc__.splitlines()[0])
-    ap.add_argument("--train", required=True, type=Path, help="image folder with one subfolder per label")
+    ap.add_argument("--train", type=Path, help="image folder with one subfolder per label (omit to only --test)")
+    ap.add_argument("--test", type=Path, help="held-out folder with the same label subfolders: accuracy of the saved model")
     ap.add_argument("--out", required=True, type=Path, help="output folder (model.safetensors, classifier.json)")
     ap.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.train is None and args.test is None:
+        ap.error("give --train, --test or both")
     try:
-        summary = train_classifier(
-            args.train, args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-        )
+        summary = {}
+        if args.train is not None:
+            summary = train_classifier(
+                args.train, args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+                log=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+        if args.test is not None:
+            torch.set_num_threads(args.threads)
+            summary["held_out"] = score_classifier(args.out, args.test)
     except PixgenError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metrics.classifier import ClassifierDetector, main, train_classifier
+from metrics.classifier import ClassifierDetector, main, score_classifier, train_classifier
 from metrics.detectors import get_detector, list_detectors
 from pixgen.errors import InputError, ModelLoadError
 
@@ -86,3 +86,17 @@ def test_training_folder_needs_label_subfolders(tmp_path, capsys):
         train_classifier(tmp_path, tmp_path / "out", steps=1)
     assert main(["--train", str(tmp_path), "--out", str(tmp_path / "out"), "--steps", "1"]) == 2
     assert "label subfolders" in capsys.readouterr().err
+
+
+def test_scoring_on_a_held_out_folder(trained, tmp_path, capsys):
+    root, out, _ = trained
+    assert main(["--out", str(out), "--test", str(root)]) == 0
+    held = json.loads(capsys.readouterr().out)["held_out"]
+    assert held["n"] == 72 and held["accuracy"] >= 0.85 and set(held["per_class"]) == set(COLOURS)
+    (tmp_path / "red").mkdir()
+    (tmp_path / "blue").mkdir()
+    for d in ("red", "blue"):
+        for i in range(2):
+            Image.new("RGB", (16, 16), d).save(tmp_path / d / f"{i}.png")
+    with pytest.raises(InputError, match="the classifier"):
+        score_classifier(out, tmp_path)
