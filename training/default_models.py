@@ -13,7 +13,8 @@ Stages, each skipped when its output exists and resumed from its checkpoint when
 4. ``features``  ``pixgen features`` (latents + pixgen-ssl embeddings) -> WORK/cache
 5. ``generator`` ``pixgen train --preset default-128``               -> WORK/gen/final
 6. ``export``    (with ``--export DIR``) fp16 weights: DIR/pixgen-ssl (the registry's bundled
-                 encoder) and DIR/pixgen-default (the Generator; its encoder is ``pixgen-ssl``)
+                 encoder) and DIR/pixgen-default (the Generator; its encoder is ``pixgen-ssl``;
+                 ``--guidance W`` stores its default guidance scale)
 
 Held-out data (LC25000 grouped val/test, CoNSeP test, MoNuSeg test) never enters any stage.
 """
@@ -109,8 +110,9 @@ def _ok(code: int, stage: str) -> None:
         raise SystemExit(f"stage {stage} failed (exit {code}); rerun the same command to resume")
 
 
-def export(final: Path, ssl: Path, dest: Path) -> Path:
-    """fp16 copies: DIR/pixgen-ssl (bundled encoder) and DIR/pixgen-default (encoder by name)."""
+def export(final: Path, ssl: Path, dest: Path, guidance: float | None = None) -> Path:
+    """fp16 copies: DIR/pixgen-ssl (bundled encoder) and DIR/pixgen-default (encoder by name),
+    with ``guidance`` (if given) as the model's default guidance scale."""
     import torch
 
     from pixgen.encoders import load_encoder
@@ -119,6 +121,8 @@ def export(final: Path, ssl: Path, dest: Path) -> Path:
     load_encoder(str(ssl)).to(torch.float16).save_pretrained(dest / "pixgen-ssl")
     gen = Generator.from_pretrained(final)
     gen.config.update(encoder="pixgen-ssl", encoder_path=None)  # the registry's bundled weights
+    if guidance is not None:
+        gen.config["guidance_scale"] = guidance
     gen.transformer.to(torch.float16)
     gen.vae.to(torch.float16)
     return gen.save_pretrained(dest / "pixgen-default")
@@ -129,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, type=Path, help="the shared data folder (../shared/data)")
     ap.add_argument("--work", required=True, type=Path, help="run folder (outside the repository)")
     ap.add_argument("--export", type=Path, help="write the fp16 bundled weights here (e.g. pixgen/weights)")
+    ap.add_argument("--guidance", type=float, help="default guidance scale stored with the export (chosen on validation tiles)")
     ap.add_argument("--ae-steps", type=int, help="override the autoencoder's steps (smoke runs)")
     ap.add_argument("--ssl-steps", type=int, help="override the SSL encoder's steps (smoke runs)")
     ap.add_argument("--gen-steps", type=int, help="override the generator's steps (smoke runs)")
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiles = write_tiles(args.data, args.work / "tiles", args.work / "near-duplicates.json", args.limit)
     final = _generator_stage(args.work, ae, ssl, tiles, args.gen_steps)
     if args.export:
-        print(f"exported {export(final, ssl, args.export)}")
+        print(f"exported {export(final, ssl, args.export, args.guidance)}")
     print(f"done: {final}")
     return 0
 
