@@ -67,8 +67,13 @@ class ImageSet:
         return ImageSet(self.images + other.images, labels, list(self.classes), self.paths + other.paths)
 
 
+CONTACT_SHEET = "contact_sheet.png"  # written by `pixgen generate` beside its images: not a sample
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The images of a folder, without `pixgen generate`'s contact sheet (so its output folders
+    can be evaluated as they are)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name != CONTACT_SHEET)
 
 
 def _read_rgb(path: Path) -> np.ndarray:

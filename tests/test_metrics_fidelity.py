@@ -151,3 +151,16 @@ def test_crop_fd_inputs():
     assert len(image_crops(big, 256, mode="grid")) == 4  # 2 x 2; the rest is dropped
     crops = image_crops(big, 256, mode="random", per_image=5, seed=0)
     assert len(crops) == 5 and all(c.shape == (256, 256, 3) for c in crops)
+
+
+def test_a_pixgen_generate_folder_loads_without_its_contact_sheet(tmp_path):
+    from PIL import Image
+
+    from pixgen.io import contact_sheet
+
+    tiles = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    for i, t in enumerate(tiles):
+        t.save(tmp_path / f"{i:04d}.png")
+    contact_sheet(tiles).save(tmp_path / "contact_sheet.png")
+    s = load_image_folder(tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in map(str, s.paths)] == ["0000.png", "0001.png"]
