@@ -248,9 +248,10 @@ def score_classifier(folder: str | Path, test: str | Path) -> dict[str, Any]:
     if labels != det.labels:
         raise InputError(f"{test} has labels {labels}, the classifier {det.labels}", fix="use a folder with the classifier's label subfolders")
     pred = _predict(det.model, x)
-    per_class = [float((pred[y == k] == k).mean()) for k in range(len(labels))]
-    return {"test": str(test), "n": len(y), "accuracy": float((pred == y).mean()), "balanced_accuracy": float(np.mean(per_class)),
-            "per_class": dict(zip(labels, per_class))}
+    scores = classification_scores(y, pred, n_boot=0)
+    return {"test": str(test), "n": len(y), "accuracy": scores["accuracy"]["value"],
+            "balanced_accuracy": scores["balanced_accuracy"]["value"],
+            "per_class": {c: float((pred[y == k] == k).mean()) for k, c in enumerate(labels)}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

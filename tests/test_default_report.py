@@ -43,3 +43,23 @@ def test_side_by_side_puts_real_left_and_generated_right():
     red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
     sheet = side_by_side([red] * 4, [blue] * 4, "lung_scc")
     assert sheet.getpixel((5, 25))[0] > 200 and sheet.getpixel((sheet.width - 6, 25))[2] > 200
+
+
+def test_fd_without_a_floor_row_is_left_out():
+    rep = _report(25.0, 0.7, 0, 0.85, 0.01)
+    del rep["fidelity"][FLOOR]
+    assert "FD `" not in targets_markdown({"lc": rep}, None)
+
+
+def test_a_model_without_an_embedding_bank_is_refused(tmp_path):
+    import pytest
+
+    from pixgen.errors import InputError
+    from pixgen.testing import save_tiny_model
+    from training.default_report import _ensure_synthetic
+
+    model = save_tiny_model(tmp_path / "tiny")
+    (model / "embedding_bank.safetensors").unlink(missing_ok=True)
+    with pytest.raises(InputError, match="no embedding bank"):
+        _ensure_synthetic(str(model), tmp_path / "syn", n=1, steps=1, seed=0)
+    assert not (tmp_path / "syn").exists()  # nothing half-written
