@@ -211,11 +211,13 @@ def default_detectors(inception_weights: str | Path | None = None) -> tuple[list
         >>> names[0] in ("inception", "encoder:pixgen-ssl")
         True
     """
-    found = inception_weights_on_disk(inception_weights)
+    if inception_weights is not None:  # asked for: a missing file is an error, not a fallback
+        return ["inception"], f"--inception-weights {inception_weights} given (classic FID, comparable with papers)"
+    found = inception_weights_on_disk()
     if found is not None:
         return ["inception"], f"Inception-v3 FID weights found at {found} (classic FID, comparable with papers)"
     names = [BUNDLED_ENCODER]
-    why = (f"no Inception-v3 FID weights on disk ({inception_weights or Path(torch.hub.get_dir()) / 'checkpoints'}), "
+    why = (f"no Inception-v3 FID weights on disk ({Path(torch.hub.get_dir()) / 'checkpoints'}), "
            f"so the bundled encoder pixgen-ssl is used (it also conditions the bundled generator, so it may favour it)")
     if BUNDLED_CNN_DIR.is_dir():
         names.append(f"classifier:{BUNDLED_CNN_DIR}")
