@@ -167,6 +167,11 @@ def weights_errors(weights: Path, what: str) -> Iterator[None]:
     except (RuntimeError, KeyError, TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError,
             SafetensorError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in reason:
+            raise ModelLoadError(
+                f"{weights} holds pickled Python objects, which pixgen never unpickles ({what})",
+                fix="use the model's .safetensors weights (or convert the checkpoint to safetensors where you trust it)",
+            ) from err
         raise ModelLoadError(
             f"could not load {what} from {weights}: {reason}",
             fix=f"re-download or re-save {weights.name} (it may be truncated or corrupt), and check that the "

@@ -112,11 +112,11 @@ class EncoderSpec:
             problems.append("std values must be positive")
         if self.revision is not None and not is_pinned(self.revision):
             problems.append(f"revision must be a 40-character commit hash, got {self.revision!r}")
-        problems += _kwargs_problems(self.model_kwargs)
-        if problems:
+        kwargs_problems = _kwargs_problems(self.model_kwargs)
+        if problems or kwargs_problems:
             raise InputError(
-                f"invalid EncoderSpec {self.name!r}: " + "; ".join(problems),
-                fix="correct the EncoderSpec fields",
+                f"invalid EncoderSpec {self.name!r}: " + "; ".join(problems + kwargs_problems),
+                fix=_KWARGS_FIX if kwargs_problems else "correct the EncoderSpec fields",
             )
 
     def __str__(self) -> str:
@@ -173,8 +173,9 @@ def check_model_kwargs(kwargs: Any, where: str) -> None:
 
 
 _KWARGS_FIX = (
-    "model arguments may only be data (sizes, flags) and layer classes from pixgen's allow-list; custom model code "
-    "needs a registry entry with remote_code=True and a pinned revision, loaded with trust_remote_code=True"
+    "pixgen never runs code named by a model file: model arguments may only be data (sizes, flags) and layer classes "
+    "from pixgen's allow-list; custom model code needs a registry entry with remote_code=True pinned to a commit, "
+    "loaded with --trust-remote-code"
 )
 
 
