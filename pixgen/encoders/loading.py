@@ -62,7 +62,8 @@ def load_encoder(
         token: Hugging Face token for gated models (default: ``HF_TOKEN`` / the cached login).
         device, dtype: where and in which precision to put the encoder (e.g. ``"cuda"``, ``"bfloat16"``).
         trust_remote_code: allow the Python code of a ``remote_code`` registry entry, at its pinned
-            revision, to run (CLI: ``--trust-remote-code``). Ignored for every other encoder.
+            revision, to run (CLI: ``--trust-remote-code``). Ignored for every other encoder. With
+            ``local_path`` the code in that directory runs: point it only at the pinned commit's files.
 
     Returns the encoder in eval mode. Raises `InputError` for unknown names and
     `ModelLoadError` (saying how to get access, pass a token or a local path) when the
