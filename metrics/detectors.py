@@ -23,6 +23,12 @@ name                D      preprocessing
                            not comparable with any published FD
 ==================  =====  ===================================================================
 
+Default choice (``pixgen eval`` without ``--detectors``, `default_detectors`): ``inception`` when
+its weights are on disk (``--inception-weights`` or the torch hub cache); otherwise, offline, the
+bundled encoder ``encoder:pixgen-ssl`` plus, when ``metrics/weights/detector-cnn`` exists, the
+bundled CNN ``classifier:`` detector (trained with labels, independent of the generator's encoder).
+The report's first lines say which were used and why.
+
 Example:
     >>> det = get_detector("random-conv")
     >>> det(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape
@@ -45,6 +51,9 @@ from pixgen.errors import InputError, ModelLoadError
 # torch-fidelity's URL_INCEPTION_V3 (the TF-2015 FID weights converted to PyTorch); kept here so
 # that resolving the file does not import torch-fidelity.
 URL_INCEPTION_V3 = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FILES = (Path(URL_INCEPTION_V3).name, "pt_inception-2015-12-05-6726825d.pth")
+BUNDLED_ENCODER = "encoder:pixgen-ssl"
+BUNDLED_CNN_DIR = Path(__file__).resolve().parent / "weights" / "detector-cnn"
 
 __all__ = [
     "Detector",
@@ -54,6 +63,8 @@ __all__ = [
     "get_detector",
     "list_detectors",
     "compute_features",
+    "default_detectors",
+    "inception_weights_on_disk",
 ]
 
 
@@ -180,12 +191,48 @@ class InceptionDetector(Detector):
         return out[0] if isinstance(out, (tuple, list)) else out  # (N, 2048)
 
 
+def inception_weights_on_disk(weights_path: str | Path | None = None) -> Path | None:
+    """The Inception-v3 FID weights file: ``weights_path`` if it exists, else one in the torch hub
+    cache, else None. Never downloads."""
+    if weights_path is not None:
+        return Path(weights_path) if Path(weights_path).is_file() else None
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    return next((folder / name for name in INCEPTION_FILES if (folder / name).is_file()), None)
+
+
+def default_detectors(inception_weights: str | Path | None = None) -> tuple[list[str], str]:
+    """(detector names, why) for an evaluation that names none; works offline.
+
+    Inception (classic FID) where its weights are on disk; otherwise the bundled encoder and,
+    when shipped, the bundled CNN detector.
+
+    Example:
+        >>> names, why = default_detectors()
+        >>> names[0] in ("inception", "encoder:pixgen-ssl")
+        True
+    """
+    if inception_weights is not None:  # asked for: a missing file is an error, not a fallback
+        return ["inception"], f"--inception-weights {inception_weights} given (classic FID, comparable with papers)"
+    found = inception_weights_on_disk()
+    if found is not None:
+        return ["inception"], f"Inception-v3 FID weights found at {found} (classic FID, comparable with papers)"
+    names = [BUNDLED_ENCODER]
+    why = (f"no Inception-v3 FID weights on disk ({Path(torch.hub.get_dir()) / 'checkpoints'}), "
+           f"so the bundled encoder pixgen-ssl is used (it also conditions the bundled generator, so it may favour it)")
+    if BUNDLED_CNN_DIR.is_dir():
+        names.append(f"classifier:{BUNDLED_CNN_DIR}")
+        why += " with the bundled CNN detector (trained on labels, independent of the generator)"
+    else:
+        why += "; no bundled independent detector is installed"
+    return names, why + "; numbers are not comparable with published FIDs (pass --inception-weights PATH for those)"
+
+
 def _cached_inception_weights() -> Path:
     """The weights file in the torch hub cache, downloaded there first if missing (needs network)."""
+    found = inception_weights_on_disk()
+    if found is not None:
+        return found
     folder = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in (Path(URL_INCEPTION_V3).name, "pt_inception-2015-12-05-6726825d.pth"):
-        if (folder / name).is_file():
-            return folder / name
     target = folder / Path(URL_INCEPTION_V3).name
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -214,10 +261,11 @@ class EncoderDetector(Detector):
         self.dim = int(encoder.dim)
 
     @classmethod
-    def load(cls, name: str, local_path: str | None = None, token: str | None = None, device=None) -> "EncoderDetector":
+    def load(cls, name: str, local_path: str | None = None, token: str | None = None, device=None,
+             trust_remote_code: bool = False) -> "EncoderDetector":
         from pixgen.encoders import load_encoder
 
-        return cls(load_encoder(name, local_path=local_path, token=token, device=device))
+        return cls(load_encoder(name, local_path=local_path, token=token, device=device, trust_remote_code=trust_remote_code))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         out = self.encoder.embed(images)  # (N, dim)
@@ -244,10 +292,12 @@ def get_detector(
     token: str | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> Detector:
     """A detector by name: ``inception``, ``random-conv``, ``encoder:NAME``, ``encoder:NAME@PATH``
     (registry encoder, weights from a local directory), ``encoder:DIR`` (a saved encoder) or
-    ``classifier:DIR`` (a tissue classifier trained by ``metrics.classifier``).
+    ``classifier:DIR`` (a tissue classifier trained by ``metrics.classifier``). ``trust_remote_code``:
+    see :func:`pixgen.encoders.load_encoder` (the caller's flag, never a folder's).
 
     Example:
         >>> get_detector("random-conv").name
@@ -264,7 +314,8 @@ def get_detector(
         enc_name, _, local_path = name[len("encoder:") :].partition("@")
         if not enc_name:
             raise InputError(f"detector {name!r} names no encoder", fix="use encoder:NAME or encoder:NAME@PATH")
-        return EncoderDetector.load(enc_name, local_path=local_path or None, token=token, device=device)
+        return EncoderDetector.load(enc_name, local_path=local_path or None, token=token, device=device,
+                                    trust_remote_code=trust_remote_code)
     if name.startswith("classifier:"):
         from metrics.classifier import ClassifierDetector  # imports this module
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from metrics.detectors import Detector, compute_features, get_detector
+from metrics.detectors import Detector, compute_features, default_detectors, get_detector
 from metrics.fidelity import c2st, conditional_fidelity, fd_estimate, kid_estimate, prdc
 from metrics.images import (
     ImageSet,
@@ -159,9 +159,10 @@ def evaluate(
     real: str | Path | ImageSet,
     synthetic: str | Path | ImageSet,
     train: str | Path | ImageSet | None = None,
-    detectors: Sequence[str | Detector] = ("inception",),
+    detectors: Sequence[str | Detector] | None = None,
     *,
     inception_weights: str | Path | None = None,
+    trust_remote_code: bool = False,
     max_images: int | None = None,
     seed: int = 0,
     n_boot: int = 200,
@@ -181,11 +182,16 @@ def evaluate(
     generator was trained on (enables the floor row, the memorisation audit and the
     augmentation study). Folders may hold class subfolders (labels = names) or, for masks,
     ``images/`` + ``inst/``. ``detectors`` are names for :func:`metrics.detectors.get_detector`
-    or detector objects. With ``out`` the report is written there (``report.json``,
+    or detector objects; None picks :func:`metrics.detectors.default_detectors` (Inception where its
+    weights are on disk, else the bundled ones; the report says which and why). With ``out`` the report is written there (``report.json``,
     ``report.md``, plots). Returns the report as a dict.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    if detectors is None:
+        detectors, detectors_why = default_detectors(inception_weights)
+    else:
+        detectors_why = "chosen by the caller (--detectors)"
     classes = sorted(set().union(*(_class_names(p) for p in _paths(real, synthetic, train))))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SmallSampleWarning)
@@ -194,14 +200,16 @@ def evaluate(
         rows = _calibration_rows(real_s, syn_s, train_s, seed)
         config = {
             "real": _describe(real), "synthetic": _describe(synthetic), "train": _describe(train),
-            "detectors": [d if isinstance(d, str) else d.name for d in detectors], "max_images": max_images,
+            "detectors": [d if isinstance(d, str) else d.name for d in detectors], "detectors_why": detectors_why,
+            "max_images": max_images,
             "seed": seed, "n_boot": n_boot, "k": k, "crop_size": crop_size, "utility": list(utility), "cnn_steps": cnn_steps,
         }
         report = _empty_report(config, real_s, syn_s, train_s, rows)
         feats, audits = {}, {}
         for spec in detectors:
             t0 = time.perf_counter()
-            det = spec if isinstance(spec, Detector) else get_detector(spec, inception_weights=inception_weights, device=device, seed=seed)
+            det = spec if isinstance(spec, Detector) else get_detector(spec, inception_weights=inception_weights, device=device,
+                                                                      seed=seed, trust_remote_code=trust_remote_code)
             feats[det.name] = f = _features(det, real_s, train_s, rows, batch_size)
             timings[f"features_{det.name}"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -412,8 +420,9 @@ def _plots(out: Path, data: dict, rows: dict, syn: ImageSet, train: ImageSet | N
 
 
 def _markdown(rep: dict[str, Any], figures: dict[str, list[str]]) -> str:
-    lines = ["# pixgen evaluation report", ""]
     cfg = rep["config"]
+    lines = ["# pixgen evaluation report", "", f"- detectors: {', '.join(f'`{d}`' for d in cfg['detectors'])}: "
+             f"{cfg.get('detectors_why', '')}"]
     lines += [f"- real (reference): `{cfg['real']}`", f"- synthetic: `{cfg['synthetic']}`", f"- train: `{cfg['train']}`"]
     lines += [f"- {name}: {s['n']} images, sizes {', '.join(s['sizes'])}" + (f", classes {s['classes']}" if s["classes"] else "") for name, s in rep["sets"].items()]
     lines += [f"- seed {cfg['seed']}, bootstrap n={cfg['n_boot']} (95 % percentile intervals in brackets), k={cfg['k']}", ""]
@@ -495,7 +504,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", required=True, help="synthetic images, same layout")
     p.add_argument("--train", help="the real images the generator was trained on (floor row, memorisation, augmentation)")
     p.add_argument("--out", required=True, help="output folder for report.json, report.md and plots")
-    p.add_argument("--detectors", default="inception", help="comma list: inception, random-conv, encoder:NAME[@PATH] (default: inception)")
+    p.add_argument("--detectors", help="comma list: inception, random-conv, encoder:NAME[@PATH], classifier:DIR "
+                   "(default: inception where its weights are on disk, else the bundled encoder pixgen-ssl [+ bundled CNN])")
     p.add_argument("--inception-weights", metavar="PATH", help="local pt_inception-2015-12-05-6726825d.pth (offline use)")
     p.add_argument("--max-images", type=int, help="at most this many images per folder (seeded, class-stratified)")
     p.add_argument("--seed", type=int, default=0)
@@ -507,6 +517,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cnn-steps", type=int, default=150, help="training steps of the small CNN")
     p.add_argument("--seg-steps", type=int, default=300, help="training steps of the nuclei U-Net (mask folders)")
     p.add_argument("--device", help="torch device for detectors (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="for encoder:NAME detectors, run a pinned registry encoder's own hub code (never a folder's)")
     p.set_defaults(func=run)
 
 
@@ -516,6 +528,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(utility) - set(LEARNERS)
     if unknown:
         raise InputError(f"unknown utility learner(s) {sorted(unknown)}", fix=f"use {','.join(LEARNERS)} or none")
+    if args.detectors is None:
+        names, why = default_detectors(args.inception_weights)
+        print(f"detectors: {', '.join(names)} ({why})", file=sys.stderr)
     with warnings.catch_warnings():  # listed once below, and in the report
         warnings.simplefilter("ignore", SmallSampleWarning)
         rep = _evaluate_from_args(args, utility)
@@ -531,8 +546,8 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate_from_args(args: argparse.Namespace, utility: list[str]) -> dict[str, Any]:
     return evaluate(
         args.real, args.synthetic, args.train,
-        detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
-        inception_weights=args.inception_weights, max_images=args.max_images, seed=args.seed,
+        detectors=None if args.detectors is None else [d.strip() for d in args.detectors.split(",") if d.strip()],
+        inception_weights=args.inception_weights, trust_remote_code=args.trust_remote_code, max_images=args.max_images, seed=args.seed,
         n_boot=args.n_boot, k=args.k, crop_size=args.crop_size, conditioning=args.conditioning,
         utility=utility, cnn_steps=args.cnn_steps, seg_steps=args.seg_steps, device=args.device, out=args.out,
     )

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from pixgen.errors import InputError, ModelLoadError
 
-__all__ = ["add_parsers", "DEFAULT_MODEL"]
+__all__ = ["add_parsers", "DEFAULT_MODEL", "TRUST_HELP"]
 
 # The bundled default model (committed inside the package); `--model` overrides it.
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "pixgen-default"
+TRUST_HELP = ("run the encoder's own Python code from its hub repository; only for registry entries pinned to a "
+              "commit (never code found in a model or encoder folder)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--token", help="hub token for gated models (or set HF_TOKEN)")
     gen.add_argument("--vae-path", help="local autoencoder folder (overrides the model's)")
     gen.add_argument("--encoder-path", help="local encoder weights folder (offline / gated hubs)")
+    gen.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     gen.set_defaults(func=run_generate)
 
     info = sub.add_parser("info", help="describe a model")
@@ -43,6 +46,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--token", help="hub token for gated models")
     info.add_argument("--vae-path", help="local autoencoder folder (for models whose VAE lives elsewhere)")
     info.add_argument("--encoder-path", help="local encoder weights folder")
+    info.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=run_info)
 
@@ -77,7 +81,8 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(
-        args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device, dtype=dtype
+        args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device, dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
     )
     embeddings = load_embeddings(args.embeddings) if args.embeddings else None
     masks = [np.array(load_image(p).convert("L")) for p in args.control_image] if args.control_image else None
@@ -126,7 +131,8 @@ def run_info(args: argparse.Namespace) -> int:
     from pixgen.pipeline import Generator
 
     _check_default_model(args.model)
-    gen = Generator.from_pretrained(args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path)
+    gen = Generator.from_pretrained(args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path,
+                                    trust_remote_code=args.trust_remote_code)
     desc = {"model": str(args.model), **gen.describe()}
     if args.json:
         print(json.dumps(desc, indent=2))

@@ -79,10 +79,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
     if not path.is_file():
         raise InputError(f"no embeddings file at {path}", fix="check the --embeddings path")
     if path.suffix in (".npy", ".pt"):
-        import numpy as np
-
-        values = torch.load(path, weights_only=True) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
-        return Embeddings(values)
+        return Embeddings(_load_array(path))
     try:
         from safetensors import safe_open
 
@@ -95,6 +92,33 @@ def load_embeddings(path: str | Path) -> Embeddings:
             fix="write it with pixgen.embeddings.save_embeddings, or pass a .npy / .pt array",
         ) from err
     return Embeddings(values, encoder=meta.get("encoder") or None, ids=json.loads(meta.get("ids", "[]")))
+
+
+def _load_array(path: Path) -> torch.Tensor:
+    """A numeric tensor from ``.pt`` / ``.npy``, never unpickling objects (no code from the file runs)."""
+    import pickle
+
+    import numpy as np
+
+    try:
+        if path.suffix == ".pt":
+            values = torch.load(path, weights_only=True, map_location="cpu")
+        else:
+            values = torch.from_numpy(np.load(path, allow_pickle=False))
+    except (pickle.UnpicklingError, ValueError, TypeError, RuntimeError, EOFError, OSError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, pickle.UnpicklingError) or "allow_pickle" in reason:
+            reason = "it holds pickled Python objects, which pixgen never unpickles"
+        raise InputError(
+            f"{path} is not a plain numeric array ({reason})",
+            fix="save the embeddings with pixgen.embeddings.save_embeddings, torch.save(tensor) or np.save(float_array)",
+        ) from err
+    if not isinstance(values, torch.Tensor) or not (values.is_floating_point() or values.dtype in (torch.int32, torch.int64)):
+        raise InputError(
+            f"{path} holds {type(values).__name__ if not isinstance(values, torch.Tensor) else values.dtype}, not a numeric tensor",
+            fix="save one float tensor / array of shape (N, D) or (N, tokens, D)",
+        )
+    return values
 
 
 class EmbeddingBank:

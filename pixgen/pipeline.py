@@ -116,6 +116,7 @@ class Generator:
         }
         self._encoder_token: str | None = None
         self._encoder_override: str | None = None  # local weights given at load time, not saved
+        self._trust_remote_code = False  # the caller's, never the model folder's, say-so
         self._root: Path | None = None  # where the model was loaded from
 
     # ------------------------------------------------------------------ loading and saving
@@ -130,8 +131,11 @@ class Generator:
         encoder_path: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
     ) -> Generator:
         """Load from a local directory or a hub id; ``vae_path``/``encoder_path`` override weights.
+
+        No code from the folder runs; ``trust_remote_code`` is passed to `load_encoder` (see there).
 
         Example:
             >>> Generator.from_pretrained("./runs/my-run/final", device="cpu")  # doctest: +SKIP
@@ -154,6 +158,7 @@ class Generator:
         gen._root = root
         gen._encoder_override = str(encoder_path) if encoder_path else None
         gen._encoder_token = token
+        gen._trust_remote_code = trust_remote_code
         return gen.to(device, dtype) if device or dtype else gen
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -209,9 +214,10 @@ class Generator:
             if path is None and self.config.get("encoder_path") and self._root is not None:
                 path = str(self._root / self.config["encoder_path"])
             if path and (Path(path) / "pixgen_encoder.json").is_file():  # saved with the model
-                self._encoder = load_encoder(str(path), device=self.device)
+                self._encoder = load_encoder(str(path), device=self.device, trust_remote_code=self._trust_remote_code)
             else:  # registry name, optionally with local weights (offline clusters, gated hubs)
-                self._encoder = load_encoder(name, local_path=path, token=self._encoder_token, device=self.device)
+                self._encoder = load_encoder(name, local_path=path, token=self._encoder_token, device=self.device,
+                                             trust_remote_code=self._trust_remote_code)
         return self._encoder
 
     def describe(self) -> dict[str, Any]:
@@ -433,8 +439,9 @@ def _resolve(path_or_id: str | Path, token: str | None, local_files_only: bool |
         )
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(str(path_or_id), token=token, local_files_only=bool(local_files_only)))
+    try:  # data files only: a repository's *.py (e.g. custom pipelines) is never fetched
+        return Path(snapshot_download(str(path_or_id), token=token, local_files_only=bool(local_files_only),
+                                      allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # hub errors have many types; the message is what matters
         raise ModelLoadError(
             f"could not fetch {path_or_id!r} from the hub ({type(err).__name__}: {str(err).splitlines()[0][:160]})",

@@ -74,7 +74,8 @@ def test_pixgen_eval_offline_without_inception_weights_is_one_clear_line(folders
         raise OSError("network blocked by the test")
 
     monkeypatch.setattr(socket.socket, "connect", blocked)
-    code = main(["eval", "--real", str(folders["test"]), "--synthetic", str(folders["synthetic"]), "--out", str(tmp_path / "o")])
+    code = main(["eval", "--real", str(folders["test"]), "--synthetic", str(folders["synthetic"]), "--out", str(tmp_path / "o"),
+                 "--detectors", "inception"])  # asked for explicitly (the default falls back offline: test_security)
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "--inception-weights" in err
 

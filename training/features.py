@@ -220,12 +220,14 @@ def open_image_source(data: str | Path, mpp: float | None = None, size: int | No
 
 def resolve_components(model: Any = None, vae: str | None = None, encoder: str | None = None,
                        device: str = "cpu", token: str | None = None, encoder_path: str | None = None,
+                       trust_remote_code: bool = False,
                        ) -> tuple[Any, Any, bool]:
     """(autoencoder, encoder, local) from a Generator (directory) and/or an explicit ``vae`` path /
     ``encoder`` name or directory (explicit ones win). ``local`` is True when the encoder is not
     reloadable by a registry name alone (a saved folder, a bundled or model-owned encoder): the
     cache then keeps a copy, and models trained on it carry it. ``encoder_path``: local weights for
     a registry name (offline clusters, gated hubs), e.g. ``encoder="uni2-h", encoder_path="/models/UNI2-h"``.
+    ``trust_remote_code``: see :func:`pixgen.encoders.load_encoder` (the caller's flag, never a file's).
 
     Example:
         >>> vae, enc, src = resolve_components(model="runs/a/final")                  # doctest: +SKIP
@@ -239,7 +241,8 @@ def resolve_components(model: Any = None, vae: str | None = None, encoder: str |
         from pixgen.pipeline import Generator
 
         vae_path = vae if vae and Path(vae).is_dir() else None  # e.g. PixCell-256 ships no VAE weights
-        gen = Generator.from_pretrained(model, token=token, vae_path=vae_path, encoder_path=encoder_path)
+        gen = Generator.from_pretrained(model, token=token, vae_path=vae_path, encoder_path=encoder_path,
+                                        trust_remote_code=trust_remote_code)
     if vae:
         autoencoder = load_autoencoder(vae, token=token)
     elif gen is not None:
@@ -247,7 +250,8 @@ def resolve_components(model: Any = None, vae: str | None = None, encoder: str |
     else:
         raise InputError("no autoencoder given", fix="pass --model GENERATOR_DIR or --vae PATH")
     if encoder:
-        enc = load_encoder(encoder, local_path=encoder_path, token=token, device=device)
+        enc = load_encoder(encoder, local_path=encoder_path, token=token, device=device,
+                           trust_remote_code=trust_remote_code)
         local = Path(encoder).is_dir()
     elif gen is not None:
         enc, local = gen.encoder, bool(gen.config.get("encoder_path"))
@@ -475,13 +479,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--token", help="hub token for gated encoders / VAEs")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run a pinned registry encoder's own hub code (never code found in a folder)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     dataset = open_image_source(args.data, mpp=args.mpp, size=args.size, fit=args.fit)
     vae, encoder, local = resolve_components(args.model, args.vae, args.encoder, device=args.device, token=args.token,
-                                             encoder_path=args.encoder_path)
+                                             encoder_path=args.encoder_path, trust_remote_code=args.trust_remote_code)
     cache = build_feature_cache(dataset, args.out, vae, encoder, grid=args.grid, batch_size=args.batch_size,
                                 shard_size=args.shard_size, dtype=args.dtype, device=args.device,
                                 save_encoder=local)

@@ -210,6 +210,8 @@ class Trainer:
         out: the run directory.
         resume: continue from the latest checkpoint in ``out`` (a fresh start when there is none).
         cpu: force the CPU even when a GPU is present.
+        trust_remote_code: the user's flag for a pinned registry encoder's own code (never saved in
+            the run, so a run folder cannot turn it on).
 
     Example:
         >>> final = Trainer(get_preset("tiny"), "cache/", "runs/t").fit()   # doctest: +SKIP
@@ -217,8 +219,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = False,
-                 cpu: bool | None = None):
+                 cpu: bool | None = None, trust_remote_code: bool = False):
         self.cfg, self.data, self.out, self.resume = cfg, Path(data), Path(out), resume
+        self.trust_remote_code = trust_remote_code
         self.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
 
     def on_step_end(self, step: int, logs: dict[str, float]) -> None:
@@ -266,7 +269,7 @@ class Trainer:
                                      "(or build the cache first with `pixgen features`)")
             device = "cpu" if self.cpu else str(acc.device)
             vae, enc, local = resolve_components(init_gen, cfg.vae, cfg.encoder, device=device,
-                                                 encoder_path=cfg.encoder_path)
+                                                 encoder_path=cfg.encoder_path, trust_remote_code=self.trust_remote_code)
             build_feature_cache(dataset, cache_dir, vae, enc, grid=cfg.condition_grid, device=device,
                                 save_encoder=local)
         acc.wait_for_everyone()
@@ -343,7 +346,8 @@ class Trainer:
 
         cfg = self.cfg
         vae_path = cfg.vae if cfg.vae and Path(cfg.vae).is_dir() else None
-        return Generator.from_pretrained(cfg.init, vae_path=vae_path, encoder_path=cfg.encoder_path)
+        return Generator.from_pretrained(cfg.init, vae_path=vae_path, encoder_path=cfg.encoder_path,
+                                         trust_remote_code=self.trust_remote_code)
 
     def _restore(self, acc, checkpoints: list[Path]) -> int:
         """Load the latest checkpoint (``--resume``); returns the step to continue from."""
@@ -705,6 +709,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--dry-run", action="store_true", help="print the config and the arithmetic, train nothing")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run a pinned registry encoder's own hub code (never code found in a folder)")
     p.set_defaults(func=run)
 
 
@@ -716,7 +722,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run_report(cfg, args.data, processes=int(os.environ.get("WORLD_SIZE", 1))))
         return 0
-    final = Trainer(cfg, args.data, args.out, resume=args.resume, cpu=True if args.cpu else None).fit()
+    final = Trainer(cfg, args.data, args.out, resume=args.resume, cpu=True if args.cpu else None,
+                    trust_remote_code=args.trust_remote_code).fit()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done: pixgen generate --model {final} --label ... --out samples/")
     return 0

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pixgen.encoders.backbones import read_json_file, weights_errors
 from pixgen.encoders.base import Encoder
 from pixgen.encoders.loading import register_loader
 from pixgen.encoders.registry import register_encoder
-from pixgen.encoders.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
-from pixgen.errors import ModelLoadError
+from pixgen.encoders.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, check_model_kwargs
+from pixgen.errors import InputError, ModelLoadError
 
 __all__ = ["ARCHITECTURE", "BUNDLED_SSL_DIR", "BundledEncoder", "PIXGEN_SSL", "SSL_MODEL_ARGS", "build_vit", "load_bundled"]
 
@@ -126,9 +127,15 @@ def load_bundled(spec: EncoderSpec, local_path: str | None, token: str | None) -
         )
     from safetensors.torch import load_file
 
-    model_args = json.loads(config_file.read_text()).get("model_args", spec.model_kwargs)
-    backbone = build_vit(model_args)
-    state = {k: v.float() for k, v in load_file(str(weights_file)).items()}
+    model_args = read_json_file(config_file).get("model_args", spec.model_kwargs)
+    try:
+        check_model_kwargs(model_args, str(config_file))
+    except InputError as err:
+        raise ModelLoadError(err.message, fix=err.fix) from None
+    with weights_errors(config_file, f"bundled encoder '{spec.name}'"):  # model_args the ViT does not take
+        backbone = build_vit(model_args)
+    with weights_errors(weights_file, f"bundled encoder '{spec.name}'"):
+        state = {k: v.float() for k, v in load_file(str(weights_file)).items()}
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as err:

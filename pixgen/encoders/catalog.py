@@ -3,6 +3,11 @@
 Facts (width, input size, normalisation, registers, licence) come from the model cards on the
 Hugging Face Hub and the timm / transformers configs they publish. ``mpp`` is the resolution of
 the training tiles (20x = 0.5 um/px); where a card does not state one, the description says so.
+
+Hibou needs its repository's own Python code (``remote_code``). Such an entry loads only when it
+is pinned to a reviewed commit (``revision``) and the caller passes ``trust_remote_code=True``;
+the Hibou entries are not pinned here (no commit could be reviewed offline), so they refuse to
+load and say how to pin one.
 """
 
 from __future__ import annotations
@@ -173,7 +178,7 @@ BUILTIN_ENCODERS: tuple[EncoderSpec, ...] = (
             "HistAI Hibou-B: DINOv2 ViT-B/14 with registers, 1M+ WSIs (H&E and other stains); custom "
             "transformers code (trust_remote_code). The card states no mpp: 0.5 is nominal."
         ),
-        model_kwargs={"trust_remote_code": True},
+        remote_code=True,  # revision: not pinned (see the module docstring)
     ),
     EncoderSpec(
         name="hibou-l",
@@ -190,7 +195,7 @@ BUILTIN_ENCODERS: tuple[EncoderSpec, ...] = (
             "HistAI Hibou-L: DINOv2 ViT-L/14 with registers, 1M+ WSIs; custom transformers code "
             "(trust_remote_code). The card states no mpp: 0.5 is nominal."
         ),
-        model_kwargs={"trust_remote_code": True},
+        remote_code=True,  # revision: not pinned (see the module docstring)
     ),
     EncoderSpec(
         name="phikon-v2",

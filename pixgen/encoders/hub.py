@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from pixgen.encoders.spec import EncoderSpec
 from pixgen.errors import ModelLoadError, PixgenError
 
-__all__ = ["access_fix", "hub_cached_snapshot", "hub_download", "hub_errors", "hub_is_offline"]
+__all__ = ["access_fix", "hub_download", "hub_errors", "hub_is_offline", "hub_snapshot"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _PROBE_TIMEOUT_S = 3.0
@@ -38,22 +38,30 @@ def hub_is_offline() -> bool:
     return False
 
 
-def hub_download(repo_id: str, filename: str, *, token: str | None, offline: bool) -> Path:
+def hub_download(repo_id: str, filename: str, *, token: str | None, offline: bool, revision: str | None = None) -> Path:
     """Download (or find in the cache) one file of a Hub model repository."""
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id, filename, token=token, local_files_only=offline))
+    return Path(hf_hub_download(repo_id, filename, token=token, local_files_only=offline, revision=revision))
 
 
-def hub_cached_snapshot(repo_id: str, *, token: str | None) -> Path:
-    """The cached snapshot directory of a repository, without touching the network.
+def hub_snapshot(
+    repo_id: str, *, token: str | None, offline: bool, allow_patterns: list[str], revision: str | None = None
+) -> Path:
+    """The snapshot directory of a repository holding only files matching ``allow_patterns``.
 
-    Used offline for transformers, whose ``from_pretrained`` still probes the Hub for optional
-    files (adapter configs) unless given a local directory.
+    Loaders ask for data files only (``*.json``, ``*.safetensors``), so a repository's Python
+    files are never downloaded unless a pinned, user-authorised entry needs them. Offline, the
+    cached snapshot is returned without touching the network.
+
+    Example:
+        >>> hub_snapshot("owkin/phikon-v2", token=None, offline=False, allow_patterns=["*.json", "*.safetensors"])  # doctest: +SKIP
     """
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, token=token, local_files_only=True))
+    return Path(snapshot_download(
+        repo_id, token=token, revision=revision, local_files_only=offline, allow_patterns=allow_patterns
+    ))
 
 
 def access_fix(spec: EncoderSpec, *, offline: bool = False) -> str:

@@ -143,7 +143,7 @@ def load_autoencoder(
 
         root = snapshot_download(
             str(path_or_id),
-            allow_patterns=[f"{subfolder}/*" if subfolder else "*"],
+            allow_patterns=[f"{subfolder}/*.json", f"{subfolder}/*.safetensors"] if subfolder else ["*.json", "*.safetensors"],
             token=token,
             local_files_only=bool(local_files_only),
         )
