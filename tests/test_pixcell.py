@@ -42,7 +42,8 @@ from pixgen.models.autoencoders import Autoencoder
 from pixgen.models.controlnet import PixgenControlNet
 from pixgen.models.transformer import PixgenTransformer, grid_pos_embed
 from pixgen.pipeline import Generator
-from pixgen.pixcell import (
+from pixgen.pixcell import pixcell_controlnet_to_pixgen_config, pixcell_guidance_to_pixgen, pixcell_to_pixgen_config
+from pixgen.testing import (
     PIXCELL_256_TRANSFORMER,
     PIXCELL_1024_TRANSFORMER,
     PIXCELL_CONTROLNET,
@@ -50,9 +51,6 @@ from pixgen.pixcell import (
     PIXCELL_CONTROLNET_TRANSFORMER,
     PIXCELL_MODEL_INDEX,
     PIXCELL_SCHEDULER,
-    pixcell_controlnet_to_pixgen_config,
-    pixcell_guidance_to_pixgen,
-    pixcell_to_pixgen_config,
 )
 
 # Depth and width only; everything PixCell-specific (tokens, grid, channels, sizes) is kept.
