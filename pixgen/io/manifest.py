@@ -41,6 +41,7 @@ import os
 import platform
 import re
 import secrets
+import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -304,7 +305,10 @@ class SetWriter:
     :meth:`create` checks the folder and writes the manifest with ``complete: false``;
     :meth:`add` saves one image (atomically, its provenance in the PNG) and records it;
     :meth:`finish` writes the conditions tensor and the contact sheet, then flips ``complete``.
-    :meth:`abandon` removes what this writer wrote (for errors before any image exists).
+    Used as a context manager, an error or interrupt saves the manifest as it stands (the files
+    written so far, ``complete: false``), except a :class:`~pixgen.errors.PixgenError` raised
+    before any image was written: a refused request, after which :meth:`abandon` removes the
+    writer's files. The manifest is also saved every ``save_every`` seconds while images come in.
 
     Example:
         >>> w = SetWriter.create("out", SetManifest(ModelId("m"), SamplerSettings(2, 1.0, "Euler", 8, 1)))  # doctest: +SKIP
@@ -312,9 +316,23 @@ class SetWriter:
         >>> w.finish()                                                                                      # doctest: +SKIP
     """
 
+    save_every = 5.0  # seconds between manifest saves while images are added
+
     def __init__(self, out: Path, manifest: SetManifest, created_folder: bool):
         self.out, self.manifest, self._created_folder = out, manifest, created_folder
         self._images: list[Any] = []
+        self._saved_at = time.monotonic()
+
+    def __enter__(self) -> SetWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        from pixgen.errors import PixgenError
+
+        if exc is not None and isinstance(exc, PixgenError) and not self.manifest.files:
+            self.abandon()
+        elif not self.manifest.complete:
+            self.manifest.save(self.out)
 
     @classmethod
     def create(cls, out: str | Path, manifest: SetManifest, overwrite: bool = False) -> SetWriter:
@@ -340,6 +358,9 @@ class SetWriter:
         path = save_png(image, self.out / entry.file, provenance=prov)
         self.manifest.files.append(entry)
         self._images.append(image)
+        if time.monotonic() - self._saved_at > self.save_every:
+            self.manifest.save(self.out)
+            self._saved_at = time.monotonic()
         return path
 
     def finish(self, conditions: Any | None = None, encoder: str | None = None, contact_sheet: bool = True,
