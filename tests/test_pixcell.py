@@ -329,8 +329,9 @@ def test_pixcell_1024_cli_generate_offline(ckpt_1024, assets, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     with Image.open(out / "0000.png") as img:
         assert img.size == (1024, 1024)
-    prov = json.loads((out / "provenance.json").read_text())
-    assert (prov["encoder"], prov["guidance"], prov["scheduler"]) == ("uni2-h", 1.2, "DPMSolverMultistepScheduler")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["model"]["encoder"], manifest["sampler"]["guidance"], manifest["sampler"]["scheduler"]) == (
+        "uni2-h", 1.2, "DPMSolverMultistepScheduler")
 
 
 def test_1024_conditions_on_a_4x4_grid_of_tiles(ckpt_1024, assets):
