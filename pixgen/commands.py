@@ -109,18 +109,14 @@ def _generate(args: argparse.Namespace, gen, masks):
 def _set_manifest(args: argparse.Namespace, gen):
     """The manifest of the set about to be generated: the model by content hash, the sampler
     settings, and the hashes of the reference and embeddings files."""
-    from pixgen.io import ModelId, SamplerSettings, SetManifest, sha256_file, weights_sha256
-    from pixgen.io.manifest import FileHash
+    from pixgen.io import SamplerSettings, SetManifest, sha256_file
+    from pixgen.io.manifest import FileHash, model_id
 
-    model = Path(args.model)
-    digest, n_files = weights_sha256(gen.source) if gen.source is not None else (None, 0)
-    overrides = {key: weights_sha256(value)[0] for key, value in
-                 (("vae_path", args.vae_path), ("encoder_path", args.encoder_path)) if value and Path(value).exists()}
     steps = int(args.steps or gen.config["num_inference_steps"])
     guidance = float(gen.config["guidance_scale"] if args.guidance is None else args.guidance)
     return SetManifest(
-        model=ModelId(model.name if model.exists() else str(args.model), digest, n_files, gen.config.get("encoder"),
-                      {k: v for k, v in overrides.items() if v}),
+        model=model_id(args.model, gen.source, gen.config.get("encoder"),
+                       {"vae_path": args.vae_path, "encoder_path": args.encoder_path}),
         sampler=SamplerSettings(steps=steps, guidance=guidance, scheduler=type(gen.scheduler).__name__,
                                 batch_size=args.batch_size, n=args.n, seed=args.seed, device=args.device,
                                 dtype=args.dtype, control_scale=args.control_scale if args.control_image else None),

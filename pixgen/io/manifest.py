@@ -53,7 +53,7 @@ from pixgen.io.atomic import PART_SUFFIX, write_bytes_atomic, write_json_atomic
 __all__ = [
     "MANIFEST_FILE", "MANIFEST_FORMAT", "MANIFEST_VERSION", "CONDITIONS_FILE", "CONTACT_SHEET",
     "Condition", "ImageEntry", "ModelId", "SamplerSettings", "FileHash", "SetManifest", "SetWriter",
-    "sha256_file", "weights_sha256", "library_versions", "check_output_folder",
+    "sha256_file", "weights_sha256", "model_id", "library_versions", "check_output_folder",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -235,6 +235,22 @@ def weights_sha256(folder: str | Path) -> tuple[str | None, int]:
     for p in files:
         h.update(f"{p.relative_to(folder).as_posix()}\t{sha256_file(p)}\n".encode())
     return h.hexdigest(), len(files)
+
+
+def model_id(name: str, folder: str | Path | None, encoder: str | None = None,
+             overrides: dict[str, str | Path | None] | None = None) -> ModelId:
+    """A :class:`ModelId`: ``name`` (a folder is reduced to its last part: the path is not part of
+    a model's identity) and the weights hash of ``folder``; ``overrides`` (e.g. ``vae_path``)
+    are hashed too.
+
+    Example:
+        >>> model_id("runs/a/final", "runs/a/final", "pixgen-ssl").name  # doctest: +SKIP
+        'final'
+    """
+    digest, n_files = weights_sha256(folder) if folder is not None else (None, 0)
+    hashed = {k: weights_sha256(v)[0] for k, v in (overrides or {}).items() if v and Path(v).exists()}
+    shown = Path(name).name if Path(name).exists() else str(name)
+    return ModelId(shown, digest, n_files, encoder, {k: v for k, v in hashed.items() if v})
 
 
 def library_versions() -> dict[str, str]:
