@@ -202,3 +202,20 @@ def test_weights_hash_is_by_content_not_path(tmp_path):
     assert weights_sha256(tmp_path / "a") == weights_sha256(tmp_path / "b")
     (tmp_path / "b" / "transformer" / "w.safetensors").write_bytes(b"weightz")
     assert weights_sha256(tmp_path / "a")[0] != weights_sha256(tmp_path / "b")[0]
+
+
+# ------------------------------------------------------------------ slides
+def test_region_at_mpp_reads_the_finer_level_and_resizes(shared_data):
+    from pixgen.io.slides import choose_level, open_slide, region_at_mpp
+
+    with open_slide(shared_data / "slides" / "cmu-1-small-region.svs") as slide:
+        base = slide.mpp()
+        assert choose_level(slide, base, 2 * base) == 0  # a single-level slide: always level 0
+        region = region_at_mpp(slide, 400, 600, size=64, mpp=2 * base)
+        full = slide.read(400, 600, 0, 128, 128)
+    assert region.shape == (64, 64, 3) and region.dtype == np.uint8
+    # the 2x region is the level-0 region shrunk: same colours on average
+    assert abs(float(region.mean()) - float(full.mean())) < 2.0
+    with pytest.raises(InputError, match="finer"):
+        with open_slide(shared_data / "slides" / "cmu-1-small-region.svs") as slide:
+            region_at_mpp(slide, 0, 0, size=64, mpp=base / 4)
