@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,6 +39,7 @@ from metrics.detectors import Detector, resize
 from metrics.images import load_image_folder, stratified_subsample
 from metrics.utility import SmallCNN, classification_scores
 from pixgen.errors import InputError, ModelLoadError, PixgenError
+from pixgen.io import write_bytes_atomic, write_text_atomic
 
 __all__ = ["INPUT_SIZE", "WIDTH", "preprocess", "train_classifier", "score_classifier", "ClassifierDetector", "main"]
 
@@ -99,12 +99,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def _predict(model: SmallCNN, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def train_classifier(
@@ -185,12 +179,12 @@ def train_classifier(
         "training_folder": str(folder.resolve()),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS, lambda p: save_file(state, str(p)))
-    _atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    write_bytes_atomic(out / WEIGHTS, save(state))
+    write_text_atomic(out / CONFIG, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from pixgen.errors import InputError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+from pixgen.io import IMAGE_SUFFIXES, SetManifest, list_images, load_rgb
 
 __all__ = [
     "ImageSet",
     "load_image_folder",
+    "image_files",
     "stratified_subsample",
     "image_crops",
     "colour_matched_noise",
@@ -67,21 +66,15 @@ class ImageSet:
         return ImageSet(self.images + other.images, labels, list(self.classes), self.paths + other.paths)
 
 
-CONTACT_SHEET = "contact_sheet.png"  # written by `pixgen generate` beside its images: not a sample
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder: a synthetic set's declared files when it holds a ``manifest.json``
+    (written by ``pixgen generate``; an incomplete set is refused), else every image file.
 
-
-def _image_files(folder: Path) -> list[Path]:
-    """The images of a folder, without `pixgen generate`'s contact sheet (so its output folders
-    can be evaluated as they are)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name != CONTACT_SHEET)
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read image {path}: {err}", fix="remove or replace the file") from err
+    Example:
+        >>> [p.name for p in image_files(Path("out"))][:2]  # doctest: +SKIP
+        ['0000.png', '0001.png']
+    """
+    return SetManifest.load(folder).image_paths(folder) if SetManifest.exists(folder) else list_images(folder)
 
 
 def load_image_folder(
@@ -102,7 +95,7 @@ def load_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"image folder not found: {root}", fix="pass an existing folder")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _image_files(p))
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and image_files(p))
     if subdirs:
         names = [p.name for p in subdirs]
         classes = list(classes) if classes is not None else names
@@ -111,19 +104,19 @@ def load_image_folder(
             raise InputError(f"{root} has class folders {unknown} that are not among {classes}")
         files, labels = [], []
         for p in subdirs:
-            found = _image_files(p)
+            found = image_files(p)
             files += found
             labels += [classes.index(p.name)] * len(found)
         label_arr: np.ndarray | None = np.asarray(labels, dtype=np.int64)
     else:
-        files, label_arr, classes = _image_files(root), None, []
+        files, label_arr, classes = image_files(root), None, []
     if not files:
-        raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
     keep = np.arange(len(files))
     if max_images is not None and len(files) > max_images:
         keep = stratified_subsample(label_arr if label_arr is not None else np.zeros(len(files), int), max_images, seed)
     return ImageSet(
-        images=[_read_rgb(files[i]) for i in keep],
+        images=[load_rgb(files[i]) for i in keep],
         labels=None if label_arr is None else label_arr[keep],
         classes=list(classes),
         paths=[str(files[i]) for i in keep],

@@ -44,6 +44,7 @@ from metrics.segmentation import is_mask_folder, load_mask_folder
 from metrics.stats import SmallSampleWarning
 from metrics.utility import LEARNERS, classification_utility, segmentation_utility
 from pixgen.errors import InputError
+from pixgen.io import write_text_atomic
 
 __all__ = ["evaluate", "add_parser", "run"]
 
@@ -71,9 +72,9 @@ METRIC_HELP = {
 
 
 def _class_names(root: Path) -> list[str]:
-    from metrics.images import _image_files
+    from metrics.images import image_files
 
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and _image_files(p)) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and image_files(p)) if root.is_dir() else []
 
 
 def _load(root: str | Path | ImageSet | None, classes: list[str], max_images: int | None, seed: int) -> ImageSet | None:
@@ -143,7 +144,8 @@ def _per_class_c2st(cand: ImageSet, ref: ImageSet, fc: np.ndarray, fr: np.ndarra
 
 def _load_conditioning(path: Path, synthetic: ImageSet) -> tuple[np.ndarray, np.ndarray, str | None]:
     """``(row indices into synthetic, embeddings, encoder name)`` from a conditioning .npz with
-    ``files`` (names or paths of synthetic images), ``embeddings`` (N, D), optional ``encoder``."""
+    ``files`` (names or paths of synthetic images), ``embeddings`` (N, D), optional ``encoder``
+    (``--conditioning``, for sets not written by ``pixgen generate``)."""
     data = np.load(path, allow_pickle=False)
     if "files" not in data or "embeddings" not in data:
         raise InputError(f"{path} lacks 'files' and 'embeddings' arrays", fix="save them with np.savez")
@@ -153,6 +155,33 @@ def _load_conditioning(path: Path, synthetic: ImageSet) -> tuple[np.ndarray, np.
         raise InputError(f"no file named in {path} is in the synthetic set")
     encoder = str(data["encoder"]) if "encoder" in data else None
     return np.array([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), encoder
+
+
+def _manifest_conditioning(root: Path, synthetic: ImageSet) -> tuple[np.ndarray, np.ndarray, str | None] | None:
+    """The same triple from the ``manifest.json`` of a synthetic set folder (or of each class
+    subfolder): the conditions tensor it declares, row i for its file i. None when no manifest
+    declares conditions."""
+    from safetensors.numpy import load_file
+
+    from pixgen.io import SetManifest
+
+    where = {Path(p).resolve(): i for i, p in enumerate(synthetic.paths)}
+    rows, embeddings, encoders = [], [], set()
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        if not SetManifest.exists(folder) or not (m := SetManifest.load(folder)).conditions:
+            continue
+        values = load_file(str(folder / m.conditions["file"]))[m.conditions["key"]]
+        encoders.add(m.conditions.get("encoder"))
+        for entry, value in zip(m.files, values.reshape(len(values), -1)):
+            if (folder / entry.file).resolve() in where:
+                rows.append(where[(folder / entry.file).resolve()])
+                embeddings.append(value)
+    if not rows:
+        return None
+    if len(encoders) > 1:
+        raise InputError(f"the synthetic sets under {root} were conditioned on different encoders {sorted(map(str, encoders))}",
+                         fix="evaluate sets of one encoder together")
+    return np.array(rows), np.stack(embeddings), encoders.pop()
 
 
 def evaluate(
@@ -220,9 +249,12 @@ def evaluate(
             timings[f"fidelity_{det.name}"] = time.perf_counter() - t0
         if conditioning is not None and not Path(conditioning).is_file():
             raise InputError(f"conditioning file not found: {conditioning}", fix="pass an .npz with 'files' and 'embeddings'")
-        cond_file = conditioning or (Path(synthetic) / "conditioning.npz" if isinstance(synthetic, (str, Path)) else None)
-        if cond_file is not None and Path(cond_file).is_file():
-            report["conditional"] = _conditional(Path(cond_file), syn_s, real_s, feats, seed, n_boot)
+        if conditioning is not None:
+            cond = _load_conditioning(Path(conditioning), syn_s)
+        else:
+            cond = _manifest_conditioning(Path(synthetic), syn_s) if isinstance(synthetic, (str, Path)) else None
+        if cond is not None:
+            report["conditional"] = _conditional(cond, syn_s, real_s, feats, seed, n_boot)
         if utility and all(s is None or s.labels is not None for s in (real_s, syn_s, train_s)):
             t0 = time.perf_counter()
             first = next(iter(feats))
@@ -321,8 +353,9 @@ def _audit_summary(audit: dict[str, Any], syn: ImageSet, train: ImageSet) -> dic
     }
 
 
-def _conditional(path: Path, syn: ImageSet, real: ImageSet, feats: dict, seed: int, n_boot: int) -> dict[str, Any]:
-    rows, cond, encoder = _load_conditioning(path, syn)
+def _conditional(conditioning: tuple[np.ndarray, np.ndarray, str | None], syn: ImageSet, real: ImageSet, feats: dict,
+                 seed: int, n_boot: int) -> dict[str, Any]:
+    rows, cond, encoder = conditioning
     det = encoder if encoder in feats else next((d for d, f in feats.items() if f["real"].shape[1] == cond.shape[1]), None)
     if det is None:
         warnings.warn(f"conditional fidelity skipped: no detector matches the conditioning embeddings ({encoder}, D={cond.shape[1]})")
@@ -363,8 +396,8 @@ def _write_report(
     """Write ``report.json``, ``report.md`` and the plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     figures = _plots(out, plots_data, rows, syn, train)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
-    (out / "report.md").write_text(_markdown(report, figures))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=_json_default))
+    write_text_atomic(out / "report.md", _markdown(report, figures))
 
 
 def _plots(out: Path, data: dict, rows: dict, syn: ImageSet, train: ImageSet | None) -> dict[str, list[str]]:
@@ -512,7 +545,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per interval (0 = none)")
     p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall/density/coverage")
     p.add_argument("--crop-size", type=int, help="also compute crop-FD on regular crops of this size (large images)")
-    p.add_argument("--conditioning", help=".npz with 'files' and 'embeddings' (and 'encoder') of the synthetic images' conditions")
+    p.add_argument("--conditioning", help=".npz with 'files' and 'embeddings' (and 'encoder') of the synthetic images' conditions "
+                   "(default: those declared by the set's manifest.json, written by pixgen generate)")
     p.add_argument("--utility", default=",".join(LEARNERS), help="learners for utility: linear-probe,small-cnn, or 'none'")
     p.add_argument("--cnn-steps", type=int, default=150, help="training steps of the small CNN")
     p.add_argument("--seg-steps", type=int, default=300, help="training steps of the nuclei U-Net (mask folders)")

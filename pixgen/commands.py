@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -23,7 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate H&E tiles from references, embeddings or a label")
     gen.add_argument("--model", default=str(DEFAULT_MODEL), help="model dir or hub id (default: the bundled model)")
     gen.add_argument("--n", type=int, default=4, help="images per condition (per label with --label)")
-    gen.add_argument("--out", required=True, help="output directory")
+    gen.add_argument("--out", required=True, help="output folder: images, contact_sheet.png and manifest.json")
+    gen.add_argument("--overwrite", action="store_true", help="replace the set already in --out")
     gen.add_argument("--reference", nargs="+", help="reference image(s): variations of each")
     gen.add_argument("--embeddings", help="embeddings file (.safetensors from pixgen, .npy or .pt)")
     gen.add_argument("--label", help="a label of the model's embedding bank (see `pixgen info`)")
@@ -69,24 +69,35 @@ def run_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from pixgen import __version__
-    from pixgen.embeddings import load_embeddings
-    from pixgen.io import contact_sheet, load_image, save_png, write_json_atomic
+    from pixgen.io import SetWriter, check_output_folder, load_image
     from pixgen.pipeline import Generator
 
     if args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}")
     _check_default_model(args.model)
-    out = Path(args.out)
+    out = check_output_folder(args.out, args.overwrite)  # before any loading or compute
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(
         args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device, dtype=dtype,
         trust_remote_code=args.trust_remote_code,
     )
-    embeddings = load_embeddings(args.embeddings) if args.embeddings else None
     masks = [np.array(load_image(p).convert("L")) for p in args.control_image] if args.control_image else None
-    result = gen.generate(
+    # a refused request leaves nothing behind; a set broken off stays on disk marked incomplete
+    with SetWriter.create(out, _set_manifest(args, gen), overwrite=args.overwrite) as writer:
+        result = _generate(args, gen, masks)
+        _write_images(writer, args, result)
+        writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
+                      seconds=time.perf_counter() - t0)
+    print(f"wrote {len(result.images)} images, contact_sheet.png and manifest.json to {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace, gen, masks):
+    from pixgen.embeddings import load_embeddings
+
+    embeddings = load_embeddings(args.embeddings) if args.embeddings else None
+    return gen.generate(
         embeddings=embeddings,
         reference=args.reference,
         label=args.label,
@@ -98,33 +109,41 @@ def run_generate(args: argparse.Namespace) -> int:
         control_image=masks,
         controlnet_conditioning_scale=args.control_scale,
     )
-    base = {
-        "pixgen_version": __version__,
-        "model": str(args.model),
-        "encoder": gen.config.get("encoder"),
-        "steps": result.extra["num_inference_steps"],
-        "guidance": result.extra["guidance_scale"],
-        "scheduler": type(gen.scheduler).__name__,
-        "device": args.device,
-        "dtype": args.dtype,
-        "label": args.label,
-        "control_images": args.control_image,
-    }
-    files = []
+
+
+def _set_manifest(args: argparse.Namespace, gen):
+    """The manifest of the set about to be generated: the model by content hash, the sampler
+    settings, and the hashes of the reference and embeddings files."""
+    from pixgen.io import SamplerSettings, SetManifest, sha256_file
+    from pixgen.io.manifest import FileHash, model_id
+
+    steps = int(args.steps or gen.config["num_inference_steps"])
+    guidance = float(gen.config["guidance_scale"] if args.guidance is None else args.guidance)
+    return SetManifest(
+        model=model_id(args.model, gen.source, gen.config.get("encoder"),
+                       {"vae_path": args.vae_path, "encoder_path": args.encoder_path}),
+        sampler=SamplerSettings(steps=steps, guidance=guidance, scheduler=type(gen.scheduler).__name__,
+                                batch_size=args.batch_size, n=args.n, seed=args.seed, device=args.device,
+                                dtype=args.dtype, control_scale=args.control_scale if args.control_image else None),
+        embeddings=FileHash(args.embeddings, sha256_file(args.embeddings))
+        if args.embeddings and Path(args.embeddings).is_file() else None,
+        references={r: sha256_file(r) for r in args.reference or [] if Path(r).is_file()},
+    )
+
+
+def _write_images(writer, args: argparse.Namespace, result) -> None:
+    """Save each image with its seed and condition; the per-image record of the manifest."""
+    from pixgen.io import Condition, ImageEntry
+
+    kind = "reference" if args.reference else "embeddings" if args.embeddings else "label" if args.label else "bank"
+    masks = args.control_image or []
+    n = len(result.images)
     for i, (img, seed, cid) in enumerate(zip(result.images, result.seeds, result.condition_ids)):
-        prov = {**base, "seed": seed, "condition": cid, "index": i}
-        files.append(save_png(img, out / f"{i:04d}.png", provenance=prov).name)
-    contact_sheet(result.images).save(out / "contact_sheet.png")
-    write_json_atomic(out / "provenance.json", {
-        **base,
-        "seeds": result.seeds,
-        "reference_ids": sorted(set(result.condition_ids)),
-        "files": files,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "host": platform.node(),
-    })
-    print(f"wrote {len(files)} images, contact_sheet.png and provenance.json to {out}")
-    return 0
+        label = cid.rsplit("[", 1)[0] if kind in ("label", "bank") else None
+        cond = Condition(kind, cid, label, writer.manifest.references.get(cid))
+        # masks: one for all images, one per condition (n per condition) or one per image
+        mask = masks[0] if len(masks) == 1 else masks[i] if len(masks) == n else masks[i // args.n] if masks else None
+        writer.add(img, ImageEntry(f"{i:04d}.png", seed, cond, mask))
 
 
 def run_info(args: argparse.Namespace) -> int:

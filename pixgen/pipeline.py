@@ -155,11 +155,31 @@ class Generator:
             controlnet = PixgenControlNet.from_pretrained(root / "controlnet") if (root / "controlnet").is_dir() else None
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
                       controlnet=controlnet)
-        gen._root = root
-        gen._encoder_override = str(encoder_path) if encoder_path else None
-        gen._encoder_token = token
-        gen._trust_remote_code = trust_remote_code
+        gen.locate(root, encoder_path=encoder_path, token=token, trust_remote_code=trust_remote_code)
         return gen.to(device, dtype) if device or dtype else gen
+
+    def locate(self, root: str | Path | None, *, encoder_path: str | Path | None = None,
+               token: str | None = None, trust_remote_code: bool = False) -> Generator:
+        """Record where the model was loaded from (an encoder saved with it is found there), local
+        encoder weights that replace it (used, not saved), the hub token and whether the user allowed a
+        pinned registry encoder's remote code (never read from the folder); returns ``self``.
+
+        Loaders of other layouts (e.g. :func:`pixgen.pixcell.load_pixcell`) call it as
+        ``from_pretrained`` does.
+
+        Example:
+            >>> gen.locate("/models/PixCell-256", encoder_path="/models/UNI2-h")  # doctest: +SKIP
+        """
+        self._root = None if root is None else Path(root)
+        self._encoder_override = str(encoder_path) if encoder_path else None
+        self._encoder_token = token
+        self._trust_remote_code = trust_remote_code
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The folder the model was loaded from (None for a model built in memory)."""
+        return self._root
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the diffusers-style layout: ``model_index.json``, ``transformer/``, ``vae/``,

@@ -48,22 +48,9 @@ __all__ = [
     "pixcell_controlnet_to_pixgen_config",
     "pixcell_guidance_to_pixgen",
     "load_strict",
-    "PIXCELL_256_TRANSFORMER",
-    "PIXCELL_1024_TRANSFORMER",
-    "PIXCELL_CONTROLNET_TRANSFORMER",
-    "PIXCELL_CONTROLNET",
-    "PIXCELL_SCHEDULER",
-    "PIXCELL_MODEL_INDEX",
-    "PIXCELL_CONTROLNET_MODEL_INDEX",
     "SD35_VAE",
-    "HUB_IDS",
 ]
 
-HUB_IDS = {
-    "PixCell-256": "StonyBrook-CVLab/PixCell-256",
-    "PixCell-1024": "StonyBrook-CVLab/PixCell-1024",
-    "PixCell-256-Cell-ControlNet": "StonyBrook-CVLab/PixCell-256-Cell-ControlNet",
-}
 SD35_VAE = ("stabilityai/stable-diffusion-3.5-large", "vae")  # PixCell does not host these weights
 SD35_VAE_FACTORS = (1.5305, 0.0609)  # scaling_factor, shift_factor of the SD3.5 VAE config
 ENCODER = "uni2-h"
@@ -73,112 +60,6 @@ NUM_INFERENCE_STEPS = 20
 # (tools/sample_256.py default 2), 16 -> PixCell-1024 (1.2).
 DEFAULT_GUIDANCE = {1: 2.0, 16: 1.2}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-# ---------------------------------------------------------------------------------------------
-# Published files, as data. Sources: the Hub file listings of the three repos (file sizes), the
-# config dicts copied into public scripts that load PixCell-1024 (cvlab-stonybrook/PixCell
-# virtual_staining/*.py), configs/pan_cancer/pixcell_{256,1024}_inference.py (pe_interpolation
-# 0.5 / 2.0, 1 / 16 tokens) and controlnet/*.py (class and argument names). Values not visible
-# in those sources were chosen so that the JSON diffusers writes has exactly the published byte
-# size (transformer 862 B for PixCell-256, scheduler 828 B, model_index 285 B / 386 B); the
-# `_name_or_path` strings only matter for that size.
-# ---------------------------------------------------------------------------------------------
-PIXCELL_1024_TRANSFORMER: dict[str, Any] = {
-    "_class_name": "PixCellTransformer2DModel",
-    "_diffusers_version": "0.32.2",
-    "_name_or_path": "pixart_1024/transformer",
-    "activation_fn": "gelu-approximate",
-    "attention_bias": True,
-    "attention_head_dim": 72,
-    "attention_type": "default",
-    "caption_channels": 1536,
-    "caption_num_tokens": 16,
-    "cross_attention_dim": 1152,
-    "double_self_attention": False,
-    "dropout": 0.0,
-    "in_channels": 16,
-    "interpolation_scale": 2,
-    "norm_elementwise_affine": False,
-    "norm_eps": 1e-06,
-    "norm_num_groups": 32,
-    "norm_type": "ada_norm_single",
-    "num_attention_heads": 16,
-    "num_embeds_ada_norm": 1000,
-    "num_layers": 28,
-    "num_vector_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 32,
-    "patch_size": 2,
-    "sample_size": 128,
-    "upcast_attention": False,
-    "use_additional_conditions": False,
-    "use_linear_projection": False,
-}
-PIXCELL_256_TRANSFORMER: dict[str, Any] = {
-    **PIXCELL_1024_TRANSFORMER,
-    "_name_or_path": "pixart_256/transformer",
-    "caption_num_tokens": 1,
-    "interpolation_scale": 0.5,
-    "sample_size": 32,
-}
-# transformer/config.json of PixCell-256-Cell-ControlNet (class from its model_index.json).
-PIXCELL_CONTROLNET_TRANSFORMER: dict[str, Any] = {
-    **{k: v for k, v in PIXCELL_256_TRANSFORMER.items() if k not in ("double_self_attention", "num_vector_embeds",
-                                                                      "only_cross_attention", "use_linear_projection")},
-    "_class_name": "PixCellTransformer2DModelControlNet",
-}
-# controlnet/config.json: PixCellControlNet's arguments; 27 blocks as in PixCell's controlnet/train.py
-# (27 copied blocks + 27 zero linears make the ~622 M parameters quoted for it).
-PIXCELL_CONTROLNET: dict[str, Any] = {
-    **PIXCELL_CONTROLNET_TRANSFORMER,
-    "_class_name": "PixCellControlNet",
-    "n_controlnet_blocks": 27,
-}
-PIXCELL_SCHEDULER: dict[str, Any] = {
-    "_class_name": "DPMSolverMultistepScheduler",
-    "_diffusers_version": "0.32.2",
-    "algorithm_type": "dpmsolver++",
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "dynamic_thresholding_ratio": 0.995,
-    "euler_at_final": False,
-    "final_sigmas_type": "zero",
-    "flow_shift": 1.0,
-    "lambda_min_clipped": float("-inf"),
-    "lower_order_final": True,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "rescale_betas_zero_snr": False,
-    "sample_max_value": 1.0,
-    "solver_order": 2,
-    "solver_type": "midpoint",
-    "steps_offset": 0,
-    "thresholding": False,
-    "timestep_spacing": "linspace",
-    "trained_betas": None,
-    "use_beta_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_flow_sigmas": False,
-    "use_karras_sigmas": False,
-    "use_lu_lambdas": False,
-    "variance_type": None,
-}
-PIXCELL_MODEL_INDEX: dict[str, Any] = {
-    "_class_name": "PixCellPipeline",
-    "_diffusers_version": "0.32.2",
-    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-    "transformer": ["pixcell_transformer_2d", "PixCellTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-PIXCELL_CONTROLNET_MODEL_INDEX: dict[str, Any] = {
-    "_class_name": "PixCellControlNetPipeline",
-    "_diffusers_version": "0.32.2",
-    "controlnet": ["pixcell_controlnet", "PixCellControlNet"],
-    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-    "transformer": ["pixcell_controlnet_transformer", "PixCellTransformer2DModelControlNet"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 # ---------------------------------------------------------------------------------------------
 # Config translation: every PixCell field is copied, checked, or ignored for a stated reason.
@@ -241,6 +122,7 @@ def pixcell_to_pixgen_config(published: dict[str, Any], encoder: str = ENCODER) 
     variance and conditions on ``encoder`` tokens.
 
     Example:
+        >>> from pixgen.testing import PIXCELL_1024_TRANSFORMER
         >>> cfg = pixcell_to_pixgen_config(PIXCELL_1024_TRANSFORMER)
         >>> cfg["caption_num_tokens"], cfg["condition_pos_embed"], cfg["out_channels"]
         (16, True, 32)
@@ -363,9 +245,7 @@ def load_pixcell(
         "origin": index.get("_class_name", "PixCellPipeline"),
     }
     gen = Generator(transformer, vae, scheduler, config=config, controlnet=controlnet)
-    gen._root, gen._encoder_token = root, token  # as Generator.from_pretrained sets them
-    gen._encoder_override = str(encoder_path) if encoder_path else None  # local UNI2-h weights, not saved
-    return gen
+    return gen.locate(root, encoder_path=encoder_path, token=token)  # local UNI2-h weights: used, not saved
 
 
 def load_pixcell_transformer(directory: Path) -> PixgenTransformer:

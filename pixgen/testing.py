@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -18,7 +19,11 @@ from pixgen.models.autoencoders import Autoencoder
 from pixgen.models.transformer import PixgenTransformer
 from pixgen.pipeline import Generator
 
-__all__ = ["tiny_transformer", "tiny_autoencoder", "tiny_encoder", "tiny_generator", "save_tiny_model", "TINY_ENCODER_DIM"]
+__all__ = [
+    "tiny_transformer", "tiny_autoencoder", "tiny_encoder", "tiny_generator", "save_tiny_model", "TINY_ENCODER_DIM",
+    "PIXCELL_256_TRANSFORMER", "PIXCELL_1024_TRANSFORMER", "PIXCELL_CONTROLNET_TRANSFORMER", "PIXCELL_CONTROLNET",
+    "PIXCELL_SCHEDULER", "PIXCELL_MODEL_INDEX", "PIXCELL_CONTROLNET_MODEL_INDEX",
+]
 
 TINY_ENCODER_DIM = 32
 
@@ -85,3 +90,111 @@ def tiny_generator(seed: int = 0, encoder: bool = True, bank: bool = True, **tra
 def save_tiny_model(directory: str | Path, seed: int = 0, **kwargs) -> Path:
     """Write a tiny Generator directory that ``pixgen generate --model DIR`` loads."""
     return tiny_generator(seed, **kwargs).save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# PixCell's published files, as data, for writing offline test checkpoints (tests/test_pixcell.py);
+# pixgen.pixcell reads the real files and never needs these. Sources: the Hub file listings of the three repos (file sizes), the
+# config dicts copied into public scripts that load PixCell-1024 (cvlab-stonybrook/PixCell
+# virtual_staining/*.py), configs/pan_cancer/pixcell_{256,1024}_inference.py (pe_interpolation
+# 0.5 / 2.0, 1 / 16 tokens) and controlnet/*.py (class and argument names). Values not visible
+# in those sources were chosen so that the JSON diffusers writes has exactly the published byte
+# size (transformer 862 B for PixCell-256, scheduler 828 B, model_index 285 B / 386 B); the
+# `_name_or_path` strings only matter for that size.
+# ---------------------------------------------------------------------------------------------
+PIXCELL_1024_TRANSFORMER: dict[str, Any] = {
+    "_class_name": "PixCellTransformer2DModel",
+    "_diffusers_version": "0.32.2",
+    "_name_or_path": "pixart_1024/transformer",
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "attention_head_dim": 72,
+    "attention_type": "default",
+    "caption_channels": 1536,
+    "caption_num_tokens": 16,
+    "cross_attention_dim": 1152,
+    "double_self_attention": False,
+    "dropout": 0.0,
+    "in_channels": 16,
+    "interpolation_scale": 2,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "norm_type": "ada_norm_single",
+    "num_attention_heads": 16,
+    "num_embeds_ada_norm": 1000,
+    "num_layers": 28,
+    "num_vector_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 32,
+    "patch_size": 2,
+    "sample_size": 128,
+    "upcast_attention": False,
+    "use_additional_conditions": False,
+    "use_linear_projection": False,
+}
+PIXCELL_256_TRANSFORMER: dict[str, Any] = {
+    **PIXCELL_1024_TRANSFORMER,
+    "_name_or_path": "pixart_256/transformer",
+    "caption_num_tokens": 1,
+    "interpolation_scale": 0.5,
+    "sample_size": 32,
+}
+# transformer/config.json of PixCell-256-Cell-ControlNet (class from its model_index.json).
+PIXCELL_CONTROLNET_TRANSFORMER: dict[str, Any] = {
+    **{k: v for k, v in PIXCELL_256_TRANSFORMER.items() if k not in ("double_self_attention", "num_vector_embeds",
+                                                                      "only_cross_attention", "use_linear_projection")},
+    "_class_name": "PixCellTransformer2DModelControlNet",
+}
+# controlnet/config.json: PixCellControlNet's arguments; 27 blocks as in PixCell's controlnet/train.py
+# (27 copied blocks + 27 zero linears make the ~622 M parameters quoted for it).
+PIXCELL_CONTROLNET: dict[str, Any] = {
+    **PIXCELL_CONTROLNET_TRANSFORMER,
+    "_class_name": "PixCellControlNet",
+    "n_controlnet_blocks": 27,
+}
+PIXCELL_SCHEDULER: dict[str, Any] = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "_diffusers_version": "0.32.2",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "flow_shift": 1.0,
+    "lambda_min_clipped": float("-inf"),
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 0,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+    "use_beta_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_flow_sigmas": False,
+    "use_karras_sigmas": False,
+    "use_lu_lambdas": False,
+    "variance_type": None,
+}
+PIXCELL_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "PixCellPipeline",
+    "_diffusers_version": "0.32.2",
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    "transformer": ["pixcell_transformer_2d", "PixCellTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+PIXCELL_CONTROLNET_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "PixCellControlNetPipeline",
+    "_diffusers_version": "0.32.2",
+    "controlnet": ["pixcell_controlnet", "PixCellControlNet"],
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    "transformer": ["pixcell_controlnet_transformer", "PixCellTransformer2DModelControlNet"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}

@@ -37,12 +37,12 @@ def test_readme_main_command_runs_on_the_bundled_model(tmp_path):
     img = np.array(Image.open(tmp_path / "0001.png"))
     assert img.shape == (128, 128, 3) and img.std() > 5  # tissue-like contrast, not a flat tile
     assert (tmp_path / "contact_sheet.png").is_file()
-    assert json.loads((tmp_path / "provenance.json").read_text())["encoder"] == "pixgen-ssl"
+    assert json.loads((tmp_path / "manifest.json").read_text())["model"]["encoder"] == "pixgen-ssl"
 
 
 def test_label_generation_uses_the_bank(tmp_path, capsys):
     assert main(["generate", "--label", "lung_scc", "--n", "2", "--steps", "4", "--out", str(tmp_path / "scc")]) == 0
-    assert read_provenance(tmp_path / "scc" / "0000.png")["label"] == "lung_scc"
+    assert read_provenance(tmp_path / "scc" / "0000.png")["condition"]["label"] == "lung_scc"
     assert main(["generate", "--label", "lung_xyz", "--n", "1", "--out", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err
     assert "unknown label 'lung_xyz'" in err and "lung_scc" in err

@@ -27,16 +27,16 @@ def test_help_lists_library_commands(capsys):
         assert cmd in out
 
 
-def test_generate_writes_pngs_contact_sheet_and_provenance(model_dir, tmp_path):
+def test_generate_writes_pngs_contact_sheet_and_manifest(model_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["generate", "--model", str(model_dir), "--n", "4", "--out", str(out), "--seed", "7"]) == 0
     pngs = sorted(out.glob("0*.png"))
     assert [p.name for p in pngs] == ["0000.png", "0001.png", "0002.png", "0003.png"]
-    prov = json.loads((out / "provenance.json").read_text())
-    assert prov["seeds"] == [7, 8, 9, 10] and prov["encoder"] == "tiny-test" and prov["steps"] == 3
-    assert prov["model"] == str(model_dir) and prov["pixgen_version"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["seed"] for f in manifest["files"]] == [7, 8, 9, 10] and manifest["model"]["encoder"] == "tiny-test"
+    assert manifest["sampler"]["steps"] == 3 and manifest["model"]["name"] == "tiny" and manifest["versions"]["pixgen"]
     png_prov = read_provenance(pngs[2])
-    assert png_prov["seed"] == 9 and png_prov["guidance"] == 2.0 and png_prov["condition"]
+    assert png_prov["seed"] == 9 and png_prov["sampler"]["guidance"] == 2.0 and png_prov["condition"]["id"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] > 64 and sheet.size[1] > 64
 
@@ -47,7 +47,7 @@ def test_generate_by_label_and_embeddings_file(model_dir, tmp_path):
     from pixgen.embeddings import Embeddings, save_embeddings
 
     assert main(["generate", "--model", str(model_dir), "--n", "2", "--label", "stroma", "--out", str(tmp_path / "a")]) == 0
-    assert read_provenance(tmp_path / "a" / "0001.png")["label"] == "stroma"
+    assert read_provenance(tmp_path / "a" / "0001.png")["condition"]["label"] == "stroma"
     save_embeddings(tmp_path / "e.safetensors", Embeddings(torch.randn(1, 32), encoder="tiny-test"))
     args = ["generate", "--model", str(model_dir), "--n", "1", "--embeddings", str(tmp_path / "e.safetensors")]
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
@@ -99,7 +99,7 @@ def test_generate_with_control_mask(tmp_path):
     assert main([*base, "--out", str(tmp_path / "c")]) == 0
     a, b, c = (np.array(Image.open(tmp_path / d / "0000.png")) for d in "abc")
     assert np.array_equal(b, c) and not np.array_equal(a, c)
-    assert read_provenance(tmp_path / "a" / "0000.png")["control_images"] == [str(tmp_path / "mask.png")]
+    assert read_provenance(tmp_path / "a" / "0000.png")["control_image"] == str(tmp_path / "mask.png")
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
 

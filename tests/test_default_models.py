@@ -6,7 +6,7 @@ import pytest
 
 from pixgen.encoders import load_encoder
 from pixgen.pipeline import Generator
-from training.default_models import main
+from recipes.default_models import main
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from metrics.report import FLOOR, SYNTHETIC
-from training.default_report import side_by_side, targets_markdown
+from recipes.default_report import side_by_side, targets_markdown
 
 
 def _est(value: float, lo: float | None = None, hi: float | None = None) -> dict:
@@ -56,10 +56,31 @@ def test_a_model_without_an_embedding_bank_is_refused(tmp_path):
 
     from pixgen.errors import InputError
     from pixgen.testing import save_tiny_model
-    from training.default_report import _ensure_synthetic
+    from recipes.default_report import _ensure_synthetic
 
     model = save_tiny_model(tmp_path / "tiny")
     (model / "embedding_bank.safetensors").unlink(missing_ok=True)
     with pytest.raises(InputError, match="no embedding bank"):
         _ensure_synthetic(str(model), tmp_path / "syn", n=1, steps=1, seed=0)
     assert not (tmp_path / "syn").exists()  # nothing half-written
+
+
+def test_synthetic_sets_per_label_declare_their_files_and_conditions(tmp_path):
+    from safetensors.torch import load_file
+
+    from metrics.images import load_image_folder
+    from pixgen.io import SetManifest
+    from pixgen.testing import save_tiny_model
+    from recipes.default_report import _ensure_synthetic
+
+    syn = _ensure_synthetic(str(save_tiny_model(tmp_path / "tiny")), tmp_path / "syn", n=2, steps=1, seed=0)
+    for label in ("stroma", "tumour"):
+        m = SetManifest.load(syn / label)
+        assert m.complete and [e.file for e in m.files] == [f"{label}_0000.png", f"{label}_0001.png"]
+        assert {e.condition.kind for e in m.files} == {"label"} and m.files[0].condition.label == label
+        assert load_file(str(syn / label / m.conditions["file"]))["embeddings"].shape == (2, 1, 32)
+    images = load_image_folder(syn)
+    assert images.classes == ["stroma", "tumour"] and len(images) == 4
+    before = (syn / "stroma" / "stroma_0000.png").stat().st_mtime_ns
+    _ensure_synthetic(str(tmp_path / "tiny"), syn, n=2, steps=1, seed=0)  # complete sets are kept
+    assert (syn / "stroma" / "stroma_0000.png").stat().st_mtime_ns == before

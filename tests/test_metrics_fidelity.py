@@ -12,6 +12,7 @@ from metrics.detectors import RandomConvDetector, compute_features
 from metrics.fidelity import c2st, conditional_fidelity, fd_estimate, frechet_distance, kid, kid_estimate, prdc
 from metrics.images import colour_matched_noise, image_crops, load_image_folder
 from metrics.stats import SmallSampleWarning, bootstrap_ci
+from pixgen.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +154,15 @@ def test_crop_fd_inputs():
     assert len(crops) == 5 and all(c.shape == (256, 256, 3) for c in crops)
 
 
-def test_a_pixgen_generate_folder_loads_without_its_contact_sheet(tmp_path):
-    from PIL import Image
+def test_a_synthetic_set_loads_the_files_its_manifest_declares(tmp_path):
+    from pixgen.io import Condition, ImageEntry, ModelId, SamplerSettings, SetManifest, SetWriter
 
-    from pixgen.io import contact_sheet
-
-    tiles = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
-    for i, t in enumerate(tiles):
-        t.save(tmp_path / f"{i:04d}.png")
-    contact_sheet(tiles).save(tmp_path / "contact_sheet.png")
+    writer = SetWriter.create(tmp_path, SetManifest(ModelId("m"), SamplerSettings(2, 1.0, "Euler", 8, 2)))
+    for i, colour in enumerate((200, 30)):
+        writer.add(np.full((16, 16, 3), colour, np.uint8), ImageEntry(f"{i:04d}.png", i, Condition("bank", f"x[{i}]")))
+    (tmp_path / "stray.png").write_bytes((tmp_path / "0000.png").read_bytes())  # not part of the set
+    with pytest.raises(InputError, match="incomplete"):
+        load_image_folder(tmp_path)
+    writer.finish()
     s = load_image_folder(tmp_path)
-    assert [p.rsplit("/", 1)[-1] for p in map(str, s.paths)] == ["0000.png", "0001.png"]
+    assert [p.rsplit("/", 1)[-1] for p in map(str, s.paths)] == ["0000.png", "0001.png"]  # no sheet, no stray

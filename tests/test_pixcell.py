@@ -42,7 +42,8 @@ from pixgen.models.autoencoders import Autoencoder
 from pixgen.models.controlnet import PixgenControlNet
 from pixgen.models.transformer import PixgenTransformer, grid_pos_embed
 from pixgen.pipeline import Generator
-from pixgen.pixcell import (
+from pixgen.pixcell import pixcell_controlnet_to_pixgen_config, pixcell_guidance_to_pixgen, pixcell_to_pixgen_config
+from pixgen.testing import (
     PIXCELL_256_TRANSFORMER,
     PIXCELL_1024_TRANSFORMER,
     PIXCELL_CONTROLNET,
@@ -50,9 +51,6 @@ from pixgen.pixcell import (
     PIXCELL_CONTROLNET_TRANSFORMER,
     PIXCELL_MODEL_INDEX,
     PIXCELL_SCHEDULER,
-    pixcell_controlnet_to_pixgen_config,
-    pixcell_guidance_to_pixgen,
-    pixcell_to_pixgen_config,
 )
 
 # Depth and width only; everything PixCell-specific (tokens, grid, channels, sizes) is kept.
@@ -331,8 +329,9 @@ def test_pixcell_1024_cli_generate_offline(ckpt_1024, assets, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     with Image.open(out / "0000.png") as img:
         assert img.size == (1024, 1024)
-    prov = json.loads((out / "provenance.json").read_text())
-    assert (prov["encoder"], prov["guidance"], prov["scheduler"]) == ("uni2-h", 1.2, "DPMSolverMultistepScheduler")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["model"]["encoder"], manifest["sampler"]["guidance"], manifest["sampler"]["scheduler"]) == (
+        "uni2-h", 1.2, "DPMSolverMultistepScheduler")
 
 
 def test_1024_conditions_on_a_4x4_grid_of_tiles(ckpt_1024, assets):

@@ -30,7 +30,7 @@ def _one_thread():
 
 
 def test_lora_finetune_of_a_pixcell_checkpoint(tmp_path, shared_data):
-    from pixgen.pixcell import PIXCELL_256_TRANSFORMER
+    from pixgen.testing import PIXCELL_256_TRANSFORMER
 
     ckpt = pixcell_tests.write_pixcell(tmp_path / "PixCell-256", pixcell_tests.shrunk(PIXCELL_256_TRANSFORMER))
     torch.manual_seed(0)
@@ -69,7 +69,8 @@ def test_lora_finetune_of_a_pixcell_checkpoint(tmp_path, shared_data):
 def test_dry_run_reads_the_pixcell_config(tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
-    from pixgen.pixcell import PIXCELL_1024_TRANSFORMER, load_pixcell_transformer
+    from pixgen.pixcell import load_pixcell_transformer
+    from pixgen.testing import PIXCELL_1024_TRANSFORMER
     from training.presets import LORA_TARGETS
     from training.testing import synthetic_cache
 

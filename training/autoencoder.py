@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pixgen.io import atomic_write, load_rgb, write_text_atomic
 from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
 
 __all__ = [
@@ -66,17 +66,6 @@ LC_CLASSES = ("lung_aca", "lung_n", "lung_scc")
 
 
 # --- data ---------------------------------------------------------------------------------------
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3).
-
-    Example:
-        >>> load_rgb("../shared/data/consep/train/images/train_10_000.jpg").shape  # doctest: +SKIP
-        (256, 256, 3)
-    """
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"), dtype=np.uint8)
-
-
 def lc25000_split(root: str | Path, cache: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
     """LC25000 split into train / test with near-duplicates kept on one side.
 
@@ -100,7 +89,7 @@ def lc25000_split(root: str | Path, cache: str | Path | None = None, seed: int =
         return json.loads(Path(cache).read_text())
     split = _colleague_split(Path(root)) or _fallback_split(Path(root), seed)
     if cache is not None:
-        atomic_write_text(Path(cache), json.dumps(split))
+        write_text_atomic(Path(cache), json.dumps(split))
     return split
 
 
@@ -248,24 +237,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 # --- run bookkeeping (shared with training.ssl) --------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file.
 
     Example:
         >>> save_checkpoint("runs/x/checkpoint.pt", {"step": 10, "model": model.state_dict()})  # doctest: +SKIP
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, fsync=True) as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
@@ -577,7 +556,7 @@ def train_autoencoder(cfg: AEConfig, resume: bool = False) -> dict[str, Any]:
     if ckpt is not None:
         run.restore(ckpt)
         print(f"resumed from step {run.step}", file=sys.stderr)
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    write_text_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     held_out = eval_images(source_files(cfg.data, "test", run.split), cfg.eval_limit)
     first = last = None
     last_ckpt, t0 = time.monotonic(), time.monotonic()
@@ -626,7 +605,7 @@ def finalize(cfg: AEConfig, export: str | None, eval_limit: int) -> dict[str, An
     results = evaluate_autoencoder(model, eval_images(source_files(cfg.data, "test", split), eval_limit))
     report = {"step": ckpt["step"], "scaling_factor": scale, "shift_factor": shift, "eval": results,
               "split_method": split["method"], "split_leakage": split.get("leakage")}
-    atomic_write_text(Path(cfg.out) / "final_metrics.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(Path(cfg.out) / "final_metrics.json", json.dumps(report, indent=2) + "\n")
     if export:
         model.to(torch.float16).save_pretrained(export, safe_serialization=True)
     return report

@@ -31,7 +31,6 @@ import argparse
 import bisect
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from pixgen.errors import InputError
-from pixgen.io import write_json_atomic
+from pixgen.io import atomic_dir, atomic_write, write_json_atomic
 
 __all__ = [
     "FeatureCache", "build_feature_cache", "open_image_source", "resolve_components",
@@ -305,16 +304,11 @@ def _encode_batch(items: list[dict[str, Any]], vae: Any, encoder: Any, grid: int
 
 def _write_shard(root: Path, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Write a shard to a temporary folder, then rename it: a shard either exists whole or not at all."""
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for key, value in arrays.items():
-        with open(tmp / f"{key}.npy", "wb") as fh:
-            np.save(fh, value)
-            fh.flush()
-            os.fsync(fh.fileno())
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    os.replace(tmp, root / name)
+    with atomic_dir(root / name) as tmp:
+        for key, value in arrays.items():
+            with atomic_write(tmp / f"{key}.npy", fsync=True) as fh:
+                np.save(fh, value)
+        write_json_atomic(tmp / "meta.json", meta)
 
 
 def build_feature_cache(
@@ -360,7 +354,7 @@ def build_feature_cache(
     index = _start_index(root, plan, dataset, vae, encoder, grid, save_encoder)
     if index["complete"]:
         return FeatureCache(root, allow_partial=False)
-    for stale in root.glob(".shard-*.tmp-*"):  # a killed run's unfinished shard
+    for stale in root.glob(".shard-*"):  # a killed run's unfinished shard (a hidden temporary folder)
         shutil.rmtree(stale, ignore_errors=True)
     n, num_shards = len(dataset), -(-len(dataset) // shard_size)
     done = {s["name"] for s in index["shards"]}
@@ -423,10 +417,12 @@ def _start_index(root: Path, plan: dict[str, Any], dataset: Any, vae: Any, encod
         return index
     if any(root.iterdir()):
         raise InputError(f"{root} is not empty and holds no feature cache", fix="pass an empty or new --out folder")
-    _save_atomic(root / "vae", vae.save_pretrained)
+    with atomic_dir(root / "vae") as tmp:
+        vae.save_pretrained(tmp)
     enc_rel = None
     if save_encoder:
-        _save_atomic(root / "encoder", encoder.save_pretrained)
+        with atomic_dir(root / "encoder") as tmp:
+            encoder.save_pretrained(tmp)
         enc_rel = "encoder"
     mpps = sorted({round(float(dataset[i]["mpp"]), 6) for i in {0, len(dataset) - 1}})
     spec = encoder.spec
@@ -448,13 +444,6 @@ def _start_index(root: Path, plan: dict[str, Any], dataset: Any, vae: Any, encod
     }
     write_json_atomic(path, index)
     return index
-
-
-def _save_atomic(target: Path, save: Callable[[Path], Any]) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    os.replace(tmp, target)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -42,15 +42,14 @@ from torch import nn
 
 from pixgen.encoders.bundled import PIXGEN_SSL, SSL_MODEL_ARGS, BundledEncoder, build_vit
 from pixgen.encoders.spec import EncoderSpec
+from pixgen.io import load_rgb, write_text_atomic
 from training.autoencoder import (
     SOURCES,
     CropSampler,
     append_log,
-    atomic_write_text,
     augment_d4,
     lc25000_split,
     load_checkpoint,
-    load_rgb,
     restore_rng,
     save_checkpoint,
     source_files,
@@ -460,7 +459,7 @@ def train_ssl(cfg: SSLConfig, resume: bool = False) -> dict[str, Any]:
     if ckpt is not None:
         run.restore(ckpt)
         print(f"resumed from step {run.step}", file=sys.stderr)
-    atomic_write_text(run.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    write_text_atomic(run.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     first = last = None
     last_ckpt, t0 = time.monotonic(), time.monotonic()
     while run.step < cfg.max_steps:
@@ -507,7 +506,7 @@ def finalize(cfg: SSLConfig, export: str | None, eval_limit: int) -> dict[str, A
     report = {"step": ckpt["step"], "split_method": split["method"],
               "trained": evaluate_encoder(encoder, cfg.data, split, eval_limit),
               "random_init": evaluate_encoder(as_encoder(DINO(cfg).backbone, cfg), cfg.data, split, eval_limit)}
-    atomic_write_text(Path(cfg.out) / "final_metrics.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(Path(cfg.out) / "final_metrics.json", json.dumps(report, indent=2) + "\n")
     if export:  # fp16 weights: half the bytes in the package; the loader casts back to float32
         copy.deepcopy(encoder).to(torch.float16).save_pretrained(export)
     return report

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from pixgen.errors import InputError
-from pixgen.io import write_json_atomic
+from pixgen.io import atomic_dir, atomic_write, write_json_atomic
 from training.presets import PRESETS, RESUMABLE_FIELDS, TrainConfig, apply_overrides, get_preset
 
 __all__ = [
@@ -483,9 +483,8 @@ class Trainer:
             cond = Embeddings(self._sample_conditions(cache), encoder=cache.encoder_name)
             out = gen.generate(embeddings=cond, seed=0, progress=False, batch_size=len(cond))
             if acc.is_main_process:
-                path = self.out / "samples" / f"step-{step:08d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                contact_sheet(out.images).save(path)
+                with atomic_write(self.out / "samples" / f"step-{step:08d}.png") as fh:
+                    contact_sheet(out.images).save(fh, format="PNG")
         finally:
             base.train()
             if ema is not None:
@@ -523,11 +522,8 @@ class Trainer:
             encoder, config["encoder_path"] = self._own_encoder(cache, init_gen)
             gen = Generator(transformer, cache.load_vae(), self._scheduler(init_gen), encoder=encoder,
                             embedding_bank=build_bank(cache, self.cfg.bank_size, self.cfg.seed), config=config)
-            tmp = self.out / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            gen.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            with atomic_dir(final) as tmp:
+                gen.save_pretrained(tmp)
             acc.print(f"wrote {final}")
         acc.wait_for_everyone()
         acc.end_training()  # also destroys the process group (clean exit under accelerate launch)

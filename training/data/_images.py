@@ -1,7 +1,7 @@
-"""Small shared helpers: reading images with clear errors, listing files, cropping.
+"""Small shared helpers for datasets: label maps, readability checks, crops.
 
-Everything here returns numpy arrays: images are ``uint8`` (H, W, 3) RGB, label maps keep
-their stored integer type.
+Images themselves are read by the library's one reader (:func:`pixgen.io.load_rgb`: uint8
+(H, W, 3) RGB); label maps keep their stored integer type.
 """
 
 from __future__ import annotations
@@ -11,61 +11,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pixgen.errors import InputError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-_READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files directly inside ``folder`` (no recursion), sorted by name; hidden files skipped.
-
-    Example:
-        >>> list_images(Path("consep/train/images"))[:1]  # doctest: +SKIP
-        [PosixPath('consep/train/images/train_10_000.jpg')]
-    """
-    exts = {e.lower() for e in extensions}
-    return sorted(
-        p for p in Path(folder).iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts
-    )
-
-
-def _to_uint8_rgb(img: Image.Image) -> np.ndarray:
-    """Convert any PIL mode to uint8 (H, W, 3); 16-bit greyscale is scaled, alpha is dropped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if img.mode == "F":
-        raise InputError(f"{img.filename or 'image'}: floating-point images are not supported",
-                         fix="save the image as 8-bit RGB (PNG or JPEG)")
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3) RGB, or raise `InputError` naming the file.
-
-    Example:
-        >>> load_rgb("he.png").shape  # doctest: +SKIP
-        (256, 256, 3)
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_uint8_rgb(img)
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(f"image file not found: {path}") from None
-    except _READ_ERRORS as err:
-        raise InputError(f"cannot read image {path}: {err}",
-                         fix="re-export the file as PNG/JPEG, remove it, or pass skip_bad=True") from None
+from pixgen.io import READ_ERRORS
 
 
 def load_label_map(path: str | Path, dtype: type | None = None) -> np.ndarray:
@@ -84,7 +33,7 @@ def load_label_map(path: str | Path, dtype: type | None = None) -> np.ndarray:
             arr = np.asarray(img)
     except FileNotFoundError:
         raise InputError(f"label map not found: {path}") from None
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise InputError(f"cannot read label map {path}: {err}") from None
     if arr.ndim == 3:
         if arr.shape[2] >= 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
@@ -111,7 +60,7 @@ def check_readable(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, 
             with Image.open(p) as img:
                 img.verify()
             good.append(p)
-        except _READ_ERRORS as err:
+        except READ_ERRORS as err:
             bad.append((p, str(err)))
     return good, bad
 

@@ -28,7 +28,9 @@ import torch
 from PIL import Image
 
 from pixgen.errors import InputError
-from training.data._images import IMAGE_EXTENSIONS, check_readable, list_images, load_rgb, warn_bad
+from pixgen.io import IMAGE_SUFFIXES, list_images, load_rgb
+from pixgen.io.slides import check_mpp
+from training.data._images import check_readable, warn_bad
 
 __all__ = ["ImageFolderDataset", "scan_image_folder", "fit_image"]
 
@@ -36,7 +38,7 @@ Fit = Literal["crop", "resize"]
 
 
 def scan_image_folder(
-    root: str | Path, classes: Sequence[str] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS
+    root: str | Path, classes: Sequence[str] | None = None, extensions: Sequence[str] = IMAGE_SUFFIXES
 ) -> tuple[list[Path], list[int], list[str]]:
     """List the images of a folder: (paths, labels, class_names), in a stable sorted order.
 
@@ -156,10 +158,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: Callable[[Any], Any] | None = None,
         files: Sequence[str | Path] | None = None,
         as_tensor: bool = False,
-        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        extensions: Sequence[str] = IMAGE_SUFFIXES,
     ):
         self.root = Path(root)
-        self.mpp = _check_mpp(mpp)
+        self.mpp = check_mpp(mpp)
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         if fit not in ("crop", "resize"):
             raise InputError(f"unknown fit {fit!r}", fix="use 'crop' or 'resize'")
@@ -196,8 +198,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 return self._load(i)
             except InputError as err:
-                if not self.skip_bad or "cannot read image" not in err.message:
+                if "cannot read image" not in err.message:
                     raise
+                if not self.skip_bad:
+                    raise InputError(err.message, fix=f"{err.fix}; or pass skip_bad=True to skip such files") from None
                 self.bad_files.append(self.paths[i])
                 warnings.warn(f"skipping unreadable image {self.paths[i]}: {err.message}", stacklevel=2)
         raise InputError(f"no readable image in {self.root}")
@@ -221,18 +225,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"ImageFolderDataset({str(self.root)!r}, n={len(self)}, classes={self.classes}, "
                 f"mpp={self.mpp}, size={self.size}, fit={self.fit!r})")
-
-
-def _check_mpp(mpp: float) -> float:
-    """Validate a declared resolution."""
-    try:
-        value = float(mpp)
-    except (TypeError, ValueError):
-        raise InputError(f"mpp must be a number (microns per pixel), got {mpp!r}") from None
-    if not (0.01 <= value <= 100.0):
-        raise InputError(f"mpp={value} is not a plausible resolution in microns per pixel",
-                         fix="typical values: 0.25 (40x), 0.5 (20x), 1.0 (10x)")
-    return value
 
 
 def _restrict(paths: list[Path], labels: list[int], files: Sequence[str | Path], root: Path

@@ -35,8 +35,9 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential
 
 from pixgen.errors import InputError
-from training.data._images import crop_origins, list_images, load_label_map, load_rgb, random_origin
-from training.data.folders import _check_mpp
+from pixgen.io import list_images, load_rgb
+from pixgen.io.slides import check_mpp
+from training.data._images import crop_origins, load_label_map, random_origin
 
 __all__ = [
     "NucleiRecord", "NucleiMaskDataset", "CoNSePDataset", "MoNuSegDataset", "ImageMaskDataset",
@@ -121,7 +122,7 @@ class NucleiMaskDataset(torch.utils.data.Dataset):
             raise InputError("no images in the dataset")
         if crop_mode not in ("random", "grid"):
             raise InputError(f"unknown crop_mode {crop_mode!r}", fix="use 'random' or 'grid'")
-        self.records, self.mpp = list(records), _check_mpp(mpp)
+        self.records, self.mpp = list(records), check_mpp(mpp)
         self.crop, self.crop_mode, self.stride = crop, crop_mode, stride
         self.crops_per_image, self.seed, self.epoch = crops_per_image, seed, 0
         self.relabel, self.binary_masks = relabel, binary_masks

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from pixgen.errors import InputError
-from training.data._images import crop_origins, list_images, load_rgb, random_origin
-from training.data.folders import _check_mpp
+from pixgen.io import list_images, load_rgb
+from pixgen.io.slides import check_mpp
+from training.data._images import crop_origins, random_origin
 from training.data.masks import match_stems
 
 __all__ = ["PairedStainDataset", "BCIDataset", "MISTDataset", "MIST_MARKERS", "bci_score"]
@@ -81,7 +82,7 @@ class PairedStainDataset(torch.utils.data.Dataset):
             raise InputError("no image pairs in the dataset")
         if crop_mode not in ("random", "grid"):
             raise InputError(f"unknown crop_mode {crop_mode!r}", fix="use 'random' or 'grid'")
-        self.pairs, self.mpp = list(pairs), _check_mpp(mpp)
+        self.pairs, self.mpp = list(pairs), check_mpp(mpp)
         self.crop, self.crop_mode, self.crops_per_image = crop, crop_mode, crops_per_image
         self.seed, self.epoch = seed, 0
         self._index: list[tuple[int, tuple[int, int] | None]] = []

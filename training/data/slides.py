@@ -37,156 +37,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from pixgen.errors import InputError, PixgenError
-from training.data._images import load_rgb
-from training.data.folders import _check_mpp
+from pixgen.io import atomic_write, load_rgb, save_png, write_json_atomic
+from pixgen.io.slides import Backend, Slide, check_mpp, choose_level, open_slide, read_region
 
 __all__ = [
     "Slide", "open_slide", "TilingConfig", "TileInfo", "TissueMask", "TilingResult",
     "tissue_mask", "plan_tiles", "iter_tiles", "tile_slide", "SlideTileDataset", "add_parser",
 ]
-
-Backend = Literal["auto", "openslide", "tiffslide"]
-
-
-class Slide:
-    """A whole-slide image behind one small interface, whichever library reads it.
-
-    Use `open_slide` to make one. Coordinates are (x, y) in level-0 pixels, as in OpenSlide.
-
-    Example:
-        >>> with open_slide("cmu-1-small-region.svs") as s:  # doctest: +SKIP
-        ...     s.mpp(), s.dimensions
-        (0.499, (2220, 2967))
-    """
-
-    def __init__(self, handle: Any, path: Path, backend: str):
-        self._h, self.path, self.backend = handle, path, backend
-        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(handle.level_dimensions)
-        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in handle.level_downsamples)
-        self.properties: dict[str, Any] = dict(handle.properties)
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        """(width, height) of level 0."""
-        return self.level_dimensions[0]
-
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """Read a region as uint8 (height, width, 3) RGB; transparent (no-data) pixels become white."""
-        try:
-            img = self._h.read_region((int(x), int(y)), int(level), (int(width), int(height)))
-        except Exception as err:  # noqa: BLE001 - backends raise many types; report them all alike
-            raise InputError(f"cannot read region x={x} y={y} level={level} of {self.path.name}: "
-                             f"{_one_line(err)}", fix="the slide file may be truncated or corrupt") from None
-        arr = np.asarray(img)
-        if arr.shape[-1] == 4:
-            alpha = arr[..., 3:4].astype(np.float32) / 255.0
-            arr = (arr[..., :3] * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
-        return arr
-
-    def mpp(self, override: float | None = None) -> float:
-        """Level-0 microns per pixel: ``override`` if given, else from the metadata.
-
-        Raises `InputError` (fix: pass ``--slide-mpp``) when the slide does not record it.
-        """
-        return self.mpp_with_source(override)[0]
-
-    def mpp_with_source(self, override: float | None = None) -> tuple[float, str]:
-        """(mpp, where it came from)."""
-        if override is not None:
-            return _check_mpp(override), "given (--slide-mpp)"
-        for kx, ky in (("openslide.mpp-x", "openslide.mpp-y"), ("tiffslide.mpp-x", "tiffslide.mpp-y"),
-                       ("aperio.MPP", "aperio.MPP")):
-            x, y = _float(self.properties.get(kx)), _float(self.properties.get(ky))
-            if x and y:
-                if abs(x - y) > 0.01 * max(x, y):
-                    warnings.warn(f"{self.path.name}: non-square pixels ({x} x {y} um); using the mean",
-                                  stacklevel=2)
-                return _check_mpp((x + y) / 2), f"metadata ({kx})"
-        res = _tiff_resolution_mpp(self.properties)
-        if res:
-            return _check_mpp(res), "metadata (TIFF resolution)"
-        raise InputError(f"slide {self.path.name} does not record its resolution (mpp)",
-                         fix="pass --slide-mpp (slide_mpp=...), e.g. 0.25 for a 40x scan, 0.5 for 20x")
-
-    def level_mpps(self, base_mpp: float) -> list[float]:
-        """The mpp of every pyramid level."""
-        return [base_mpp * d for d in self.level_downsamples]
-
-    def close(self) -> None:
-        """Release the file."""
-        self._h.close()
-
-    def __enter__(self) -> Slide:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Slide({self.path.name!r}, backend={self.backend!r}, levels={self.level_dimensions})"
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) and out > 0 else None
-
-
-def _tiff_resolution_mpp(props: dict[str, Any]) -> float | None:
-    """mpp from TIFF XResolution when its unit is centimetre (inch-based values are often a 72 dpi default)."""
-    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
-    xres = _float(props.get("tiff.XResolution"))
-    if xres and unit in ("centimeter", "centimetre", "3"):
-        return 1e4 / xres
-    return None
-
-
-def open_slide(path: str | Path, backend: Backend = "auto") -> Slide:
-    """Open a whole-slide image; `InputError` with a one-line reason when it cannot be read.
-
-    ``backend="auto"`` tries OpenSlide, then tiffslide.
-
-    Example:
-        >>> open_slide("broken.svs")  # doctest: +SKIP
-        InputError: cannot open slide broken.svs: not a whole-slide image ... (fix: ...)
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"slide not found: {path}")
-    order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
-    if any(b not in ("openslide", "tiffslide") for b in order):
-        raise InputError(f"unknown slide backend {backend!r}", fix="use auto, openslide or tiffslide")
-    reasons = []
-    for name in order:
-        try:
-            if name == "openslide":
-                import openslide
-
-                return Slide(openslide.OpenSlide(str(path)), path, "openslide")
-            import tiffslide
-
-            return Slide(tiffslide.TiffSlide(str(path)), path, "tiffslide")
-        except ImportError:
-            reasons.append(f"{name}: not installed")
-        except Exception as err:  # noqa: BLE001 - each backend has its own error types
-            reasons.append(f"{name}: {_one_line(err)}")
-    raise InputError(f"cannot open slide {path.name}: not a whole-slide image that can be read "
-                     f"({'; '.join(reasons)})",
-                     fix="check that the file is complete and in a format OpenSlide reads (.svs, .ndpi, "
-                         ".mrxs, .tif, ...); pip install 'pixgen[slides]' for the readers")
 
 
 @dataclass
@@ -220,7 +84,7 @@ class TilingConfig:
     png_compression: int = 1
 
     def __post_init__(self) -> None:
-        self.mpp = _check_mpp(self.mpp)
+        self.mpp = check_mpp(self.mpp)
         if self.size < 8:
             raise InputError(f"tile size {self.size} is too small", fix="use e.g. --size 256")
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -336,24 +200,6 @@ def _low_res_image(slide: Slide, base_mpp: float, mask_mpp: float, block: int = 
     return level, np.asarray(out)
 
 
-def choose_level(slide: Slide, base_mpp: float, target_mpp: float) -> int:
-    """The level whose mpp is the closest below or equal to ``target_mpp``.
-
-    Level mpps within 1% above the target count as equal (pyramid downsamples such as 2.0005
-    are rounded by the scanner). A target up to 2.5% finer than level 0 (0.25 on a 0.2527 scan)
-    reads level 0 and upsamples slightly; a finer target is an error.
-
-    Example:
-        >>> # levels at 0.25, 1.0, 4.0 um/px: target 0.5 -> level 0; 1.0 -> level 1; 8.0 -> level 2
-    """
-    if target_mpp < base_mpp * 0.975:
-        raise InputError(f"target mpp {target_mpp} is finer than the slide's {base_mpp:.4g} um/px "
-                         "(tiles would be upsampled)",
-                         fix=f"use --mpp >= {base_mpp:.4g}, or check --slide-mpp")
-    ok = [i for i, m in enumerate(slide.level_mpps(base_mpp)) if m <= target_mpp * 1.01] or [0]
-    return max(ok, key=lambda i: slide.level_downsamples[i])
-
-
 def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueMask | None = None) -> list[TileInfo]:
     """The tiles to cut: a level-0 grid, filtered by tissue fraction and ``max_tiles``.
 
@@ -384,10 +230,7 @@ def plan_tiles(slide: Slide, config: TilingConfig, tissue: TissueMask | None = N
 
 def read_tile(slide: Slide, tile: TileInfo, size: int) -> np.ndarray:
     """Read one tile and resize it to ``size`` x ``size`` (Lanczos) when the level differs."""
-    arr = slide.read(tile.x, tile.y, tile.level, tile.read_size, tile.read_size)
-    if tile.read_size != size:
-        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.LANCZOS))
-    return arr
+    return read_region(slide, tile.x, tile.y, tile.level, tile.read_size, size)
 
 
 def iter_tiles(slide: Slide, config: TilingConfig, tiles: Sequence[TileInfo] | None = None
@@ -445,8 +288,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, config: TilingConfig
         t1 = time.perf_counter()
 
         def work(item: tuple[TileInfo, str]) -> None:
-            Image.fromarray(read_tile(slide, item[0], config.size)).save(
-                tile_dir / item[1], compress_level=config.png_compression)
+            save_png(read_tile(slide, item[0], config.size), tile_dir / item[1], compress_level=config.png_compression)
 
         with ThreadPoolExecutor(max(1, config.workers)) as pool, \
                 tqdm(total=len(tiles), desc=stem, unit="tile", disable=not progress) as bar:
@@ -458,7 +300,7 @@ def tile_slide(slide_path: str | Path, out_dir: str | Path, config: TilingConfig
                   "seconds_tiles": round(t2 - t1, 3), "tiles_per_second": round(len(tiles) / max(t2 - t1, 1e-9), 2)}
         settings = _settings(slide, config, base, base_src, level, tissue, n_grid, len(tiles), timing)
         _save_qc(out_dir / "tissue.png", tissue, tiles)
-    (out_dir / "tiling.json").write_text(json.dumps(settings, indent=2))
+    write_json_atomic(out_dir / "tiling.json", settings)
     if not tiles:
         warnings.warn(f"no tiles with tissue >= {config.min_tissue} in {stem}", stacklevel=2)
     seconds = t2 - t0
@@ -477,7 +319,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
 
 
 def _write_csv(path: Path, tiles: Sequence[TileInfo], names: Sequence[str], mpp: float) -> None:
-    with path.open("w", newline="") as fh:
+    with atomic_write(path, "w") as fh:
         w = csv.writer(fh)
         w.writerow(["file", "x", "y", "size0", "level", "tissue", "mpp"])
         for t, name in zip(tiles, names):
@@ -525,7 +367,8 @@ def _save_qc(path: Path, tissue: TissueMask, tiles: Sequence[TileInfo]) -> None:
     sx, sy = tissue.scale
     for t in tiles:
         draw.rectangle([t.x / sx, t.y / sy, (t.x + t.size0) / sx, (t.y + t.size0) / sy], outline=(0, 200, 0))
-    img.save(path)
+    with atomic_write(path) as fh:
+        img.save(fh, format="PNG")
 
 
 class SlideTileDataset(torch.utils.data.Dataset):
@@ -599,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
     except PixgenError:
         raise
     except OSError as err:
-        raise InputError(f"tiling failed: {_one_line(err)}") from None
+        raise InputError(f"tiling failed: {' '.join(str(err).split())}") from None
     print(f"wrote {r.n_tiles} of {r.n_candidates} tiles ({config.size} px at {config.mpp} um/px, "
           f"level {r.level}, slide {r.slide_mpp:.4g} um/px) to {r.out_dir / 'tiles'} in {r.seconds:.1f} s "
           f"({r.tiles_per_second:.1f} tiles/s); index {r.out_dir / 'tiles.csv'}")

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from pixgen.errors import InputError
+from pixgen.io import READ_ERRORS, to_rgb, write_text_atomic
 
 __all__ = [
     "group_split", "check_no_straddle", "NearDuplicateConfig", "Fingerprints", "fingerprint_images",
@@ -187,12 +188,12 @@ def _decode(path: Path, size: int, disc: np.ndarray) -> tuple[np.ndarray, np.nda
     """(grey float32 (size, size), colour stats (6,)) of one image, decoded small."""
     try:
         with Image.open(path) as img:
-            img.draft("RGB", (size, size))
-            img = img.convert("RGB")
+            img.draft("RGB", (size, size))  # DCT-scaled JPEG decoding: this reader only needs a thumbnail
+            img = to_rgb(img, str(path))
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BOX)
             rgb = np.asarray(img, dtype=np.float32)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except READ_ERRORS as err:
         raise InputError(f"cannot read image {path}: {err}") from None
     grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     inner = rgb[disc]
@@ -477,13 +478,10 @@ def _read_cache(cache: str | Path | None, keys: list[list[Any]], cfg: NearDuplic
 def _write_cache(cache: str | Path, keys: list[list[Any]], cfg: NearDuplicateConfig, blocks: Sequence[Hashable],
                  groups: np.ndarray, timing: dict[str, float]) -> None:
     path = Path(cache)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": "pixgen-near-duplicate-groups/1", "settings": _cache_tag(cfg, blocks),
             "config": asdict(cfg), "timing": timing, "n_groups": int(groups.max() + 1) if len(groups) else 0,
             "files": [k[:3] for k in keys], "groups": groups.tolist()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))
 
 
 def default_cache_dir() -> Path:

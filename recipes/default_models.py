@@ -1,7 +1,7 @@
 """Reproduce the bundled default models on a CPU: one resumable command.
 
-    nice -n 19 python -m training.default_models --data ../shared/data --work runs/default
-    python -m training.default_models --data ../shared/data --work runs/default --export pixgen/weights
+    nice -n 19 python -m recipes.default_models --data ../shared/data --work runs/default
+    python -m recipes.default_models --data ../shared/data --work runs/default --export pixgen/weights
 
 Stages, each skipped when its output exists and resumed from its checkpoint when interrupted
 (sizes and step counts: docs/compute-plan.md):
@@ -10,8 +10,9 @@ Stages, each skipped when its output exists and resumed from its checkpoint when
 2. ``ssl``       ``training.ssl`` (DINO ViT ``pixgen-ssl``)         -> WORK/ssl/export
 3. ``tiles``     64 um fields as 128 px at 0.5 um/px, one folder per label (LC25000 grouped-train
                  classes, ``consep``, ``monuseg``)                    -> WORK/tiles/{label}/
-4. ``features``  ``pixgen features`` (latents + pixgen-ssl embeddings) -> WORK/cache
-5. ``generator`` ``pixgen train --preset default-128``               -> WORK/gen/final
+4. ``features``  ``training.features.build_feature_cache`` (latents + pixgen-ssl embeddings;
+                 what ``pixgen features`` runs)                      -> WORK/cache
+5. ``generator`` ``training.trainer.train`` with preset ``default-128`` (``pixgen train``) -> WORK/gen/final
 6. ``export``    (with ``--export DIR``) fp16 weights: DIR/pixgen-ssl (the registry's bundled
                  encoder) and DIR/pixgen-default (the Generator; its encoder is ``pixgen-ssl``;
                  ``--guidance W`` stores its default guidance scale)
@@ -23,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from PIL import Image
+
+from pixgen.io import atomic_dir, load_image, save_png, write_json_atomic
 
 __all__ = ["main", "write_tiles"]
 
@@ -62,11 +62,11 @@ def _sources(data: Path, split_cache: Path, limit: int | None, split: str = "tra
 
     lc = lc25000_grouped_split(data / "lc25000-lung", cache=split_cache)
     for path in lc.files(split)[:limit]:  # ~0.5 um/px, 224 px: the central 64 um
-        yield path.parent.name, _crop_center(Image.open(path).convert("RGB"), TILE)
+        yield path.parent.name, _crop_center(load_image(path), TILE)
     for path in sorted((data / "consep" / split / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 256 px
-        yield "consep", Image.open(path).convert("RGB").resize((TILE, TILE), Image.LANCZOS)
+        yield "consep", load_image(path).resize((TILE, TILE), Image.LANCZOS)
     for path in sorted((data / "monuseg" / split / "images").glob("*.jpg"))[:limit]:  # 0.25 um/px, 1000 px
-        img = Image.open(path).convert("RGB")
+        img = load_image(path)
         for y in range(0, img.height - 255, 256):
             for x in range(0, img.width - 255, 256):
                 yield "monuseg", img.crop((x, y, x + 256, y + 256)).resize((TILE, TILE), Image.LANCZOS)
@@ -77,37 +77,30 @@ def write_tiles(data: Path, out: Path, split_cache: Path, limit: int | None = No
     renamed to ``out`` when complete)."""
     if out.is_dir():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     counts: dict[str, int] = {}
-    for label, img in _sources(data, split_cache, limit, split):
-        (tmp / label).mkdir(parents=True, exist_ok=True)
-        img.save(tmp / label / f"{counts.get(label, 0):05d}.png")
-        counts[label] = counts.get(label, 0) + 1
-    (tmp / "tiles.json").write_text(json.dumps({"size": TILE, "mpp": 0.5, "split": split, "counts": counts}, indent=2))
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        for label, img in _sources(data, split_cache, limit, split):
+            save_png(img, tmp / label / f"{counts.get(label, 0):05d}.png")
+            counts[label] = counts.get(label, 0) + 1
+        write_json_atomic(tmp / "tiles.json", {"size": TILE, "mpp": 0.5, "split": split, "counts": counts})
     return out
 
 
 def _generator_stage(work: Path, ae: Path, ssl: Path, tiles: Path, steps: int | None) -> Path:
-    from pixgen.cli import main as pixgen
+    """Feature cache, then the generator's training run (each resumed when interrupted)."""
+    from training.features import build_feature_cache, open_image_source, resolve_components
+    from training.trainer import resolve_config, train
 
     final = work / "gen" / "final"
     if (final / "model_index.json").is_file():
         return final
     cache = work / "cache"
     if not (cache / "index.json").is_file() or not json.loads((cache / "index.json").read_text()).get("complete"):
-        _ok(pixgen(["features", str(tiles), "--vae", str(ae), "--encoder", str(ssl), "--mpp", "0.5",
-                    "--size", str(TILE), "--out", str(cache)]), "features")
-    args = ["train", "--preset", "default-128", "--data", str(cache), "--out", str(work / "gen")]
-    args += ["--max-steps", str(steps)] if steps else []
-    _ok(pixgen(args + (["--resume"] if (work / "gen" / "config.json").is_file() else [])), "train")
-    return final
-
-
-def _ok(code: int, stage: str) -> None:
-    if code:
-        raise SystemExit(f"stage {stage} failed (exit {code}); rerun the same command to resume")
+        vae, encoder, local = resolve_components(vae=str(ae), encoder=str(ssl))
+        build_feature_cache(open_image_source(tiles, mpp=0.5, size=TILE), cache, vae, encoder, save_encoder=local)
+    resume = (work / "gen" / "config.json").is_file()
+    cfg = resolve_config("default-128", work / "gen", resume, {"max_steps": steps}, [])
+    return train(cfg, cache, work / "gen", resume=resume)
 
 
 def export(final: Path, ssl: Path, dest: Path, guidance: float | None = None) -> Path:
@@ -129,7 +122,7 @@ def export(final: Path, ssl: Path, dest: Path, guidance: float | None = None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.default_models", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m recipes.default_models", description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="the shared data folder (../shared/data)")
     ap.add_argument("--work", required=True, type=Path, help="run folder (outside the repository)")
     ap.add_argument("--export", type=Path, help="write the fp16 bundled weights here (e.g. pixgen/weights)")

@@ -1,17 +1,19 @@
 """The quality report of the bundled default model (``docs/default-quality.md``): one resumable command.
 
-    python -m training.default_report --data ../shared/data --work /work/runs/default \\
+    python -m recipes.default_report --data ../shared/data --work /work/runs/default \\
         --detector /work/runs/detector-cnn --docs docs/default-quality
 
 Stages, each skipped when its output exists (``WORK`` is the run folder of
-``training.default_models``; its ``tiles/`` are the training tiles):
+``recipes.default_models``; its ``tiles/`` are the training tiles):
 
 1. ``real``       held-out tiles, the same 64 um fields at 0.5 um/px as training: LC25000
                   grouped test (3 classes), CoNSeP test, MoNuSeg test   -> WORK/report/real/{label}/
 2. ``synthetic``  ``--n`` images per bank label, each conditioned on a bank embedding (a
-                  training tile's), + ``conditioning.npz``             -> WORK/report/synthetic/{label}/
+                  training tile's); a synthetic set per label, its
+                  ``manifest.json`` declaring files and conditions    -> WORK/report/synthetic/{label}/
 3. ``sheets``     real held-out | generated, 16 + 16 tiles per label   -> DOCS/sheet_{label}.jpg
-4. ``eval``       ``pixgen eval`` (the commands are printed and recorded): LC25000 3-class with
+4. ``eval``       ``metrics.report.evaluate`` (the equivalent ``pixgen eval`` commands are printed
+                  and recorded): LC25000 3-class with
                   utility, then CoNSeP and MoNuSeg (fidelity, memorisation) -> WORK/report/eval-*/,
                   each report.md and its plots copied to DOCS/{lc25000,consep,monuseg}/
 5. ``targets``    the issue's targets against the measured numbers      -> DOCS/targets.md
@@ -33,6 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pixgen.io import write_text_atomic
+
 __all__ = ["main", "targets_markdown", "side_by_side"]
 
 LC_CLASSES = ("lung_aca", "lung_n", "lung_scc")
@@ -40,42 +44,39 @@ SOURCES = ("consep", "monuseg")
 
 
 def _ensure_real(data: Path, work: Path) -> Path:
-    from training.default_models import write_tiles
+    from recipes.default_models import write_tiles
 
     return write_tiles(data, work / "report" / "real", work / "near-duplicates.json", split="test")
 
 
 def _ensure_synthetic(model: str, out: Path, n: int, steps: int | None, seed: int) -> Path:
-    """``n`` images per bank label, named ``{label}_{i:04d}.png`` (unique across labels, as the
-    conditioning file matches by name); written label by label, so an interruption loses one label."""
+    """``n`` images per bank label, one synthetic set (images + ``manifest.json`` with the
+    conditions) per label, named ``{label}_{i:04d}.png``; a label whose set is complete is kept,
+    so an interruption loses at most one label."""
     from pixgen.errors import InputError
-    from pixgen.io import save_png
+    from pixgen.io import Condition, ImageEntry, SamplerSettings, SetManifest, SetWriter
+    from pixgen.io.manifest import model_id
     from pixgen.pipeline import Generator
 
     gen = Generator.from_pretrained(model)
     if gen.embedding_bank is None:
         raise InputError(f"{model} has no embedding bank, so the report cannot draw conditions per label",
                          fix="evaluate a model trained by `pixgen train` (it stores a bank), e.g. the bundled default")
-    files: list[str] = []
-    embeddings: list[np.ndarray] = []
+    steps = int(steps or gen.config["num_inference_steps"])
     for k, label in enumerate(gen.embedding_bank.labels):
-        folder = out / label
-        label_seed = seed + 100_000 * k
+        folder, label_seed = out / label, seed + 100_000 * k
+        if SetManifest.exists(folder) and SetManifest.load(folder).complete:
+            continue
         cond = gen.embedding_bank.sample(label, n, seed=label_seed)
-        names = [f"{label}_{i:04d}.png" for i in range(n)]
-        if not (folder / names[-1]).is_file():
-            tmp = out / f"{label}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+        manifest = SetManifest(model_id(model, gen.source, gen.config.get("encoder")),
+                               SamplerSettings(steps, float(gen.config["guidance_scale"]), type(gen.scheduler).__name__,
+                                               batch_size=64, n=1, seed=label_seed))
+        with SetWriter.create(folder, manifest, overwrite=True) as writer:
             res = gen.generate(embeddings=cond, num_images=1, num_inference_steps=steps, seed=label_seed, batch_size=64)
-            for name, img, s in zip(names, res.images, res.seeds):
-                save_png(img, tmp / name, provenance={"model": model, "label": label, "seed": s})
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
-            print(f"generated {n} x {label}", flush=True)
-        files += names
-        embeddings.append(cond.values.reshape(n, -1).float().numpy())
-    np.savez(out / "conditioning.npz", files=np.array(files), embeddings=np.concatenate(embeddings),
-             encoder=np.array(gen.config["encoder"]))
+            for i, (img, s, cid) in enumerate(zip(res.images, res.seeds, cond.ids)):
+                writer.add(img, ImageEntry(f"{label}_{i:04d}.png", s, Condition("label", cid, label)))
+            writer.finish(conditions=cond.values, encoder=cond.encoder, contact_sheet=False)
+        print(f"generated {n} x {label}", flush=True)
     return out
 
 
@@ -95,13 +96,17 @@ def side_by_side(real: list[Image.Image], generated: list[Image.Image], title: s
 
 
 def _sheets(real: Path, synthetic: Path, docs: Path, seed: int) -> None:
+    from pixgen.io import SetManifest, atomic_write, load_image
+
     rng = np.random.default_rng(seed)
     for folder in sorted(p for p in synthetic.iterdir() if p.is_dir()):
         real_files = sorted((real / folder.name).glob("*.png"))
         pick = rng.choice(len(real_files), size=min(16, len(real_files)), replace=False)
-        side_by_side([Image.open(real_files[i]) for i in sorted(pick)],
-                     [Image.open(p) for p in sorted(folder.glob("*.png"))[:16]],
-                     folder.name).save(docs / f"sheet_{folder.name}.jpg", quality=88)
+        generated = SetManifest.load(folder).image_paths(folder)[:16]
+        sheet = side_by_side([load_image(real_files[i]) for i in sorted(pick)], [load_image(p) for p in generated],
+                             folder.name)
+        with atomic_write(docs / f"sheet_{folder.name}.jpg") as fh:
+            sheet.save(fh, format="JPEG", quality=88)
 
 
 def _views(report: Path, tiles: Path) -> dict[str, dict[str, Path]]:
@@ -119,15 +124,23 @@ def _views(report: Path, tiles: Path) -> dict[str, dict[str, Path]]:
     return sets
 
 
-def _eval_commands(sets: dict[str, dict[str, Path]], report: Path, detectors: str, n_boot: int) -> dict[str, list[str]]:
-    cond = report / "synthetic" / "conditioning.npz"
-    commands = {}
-    for name, s in sets.items():
-        cmd = ["pixgen", "eval", "--real", str(s["real"]), "--synthetic", str(s["synthetic"]), "--train", str(s["train"]),
-               "--out", str(report / f"eval-{name}"), "--detectors", detectors, "--conditioning", str(cond),
-               "--seed", "0", "--n-boot", str(n_boot)]
-        commands[name] = cmd + ([] if name == "lc25000" else ["--utility", "none"])
-    return commands
+def _evaluations(sets: dict[str, dict[str, Path]], report: Path, detectors: str, n_boot: int) -> dict[str, dict[str, Any]]:
+    """``metrics.report.evaluate`` arguments per evaluation (the conditions come from each
+    synthetic set's manifest)."""
+    return {
+        name: {"real": s["real"], "synthetic": s["synthetic"], "train": s["train"], "out": report / f"eval-{name}",
+               "detectors": detectors.split(","), "seed": 0, "n_boot": n_boot,
+               **({} if name == "lc25000" else {"utility": ()})}
+        for name, s in sets.items()
+    }
+
+
+def _as_command(kw: dict[str, Any]) -> str:
+    """The ``pixgen eval`` command line that runs the same evaluation."""
+    cmd = ["pixgen", "eval", "--real", str(kw["real"]), "--synthetic", str(kw["synthetic"]), "--train", str(kw["train"]),
+           "--out", str(kw["out"]), "--detectors", ",".join(kw["detectors"]), "--seed", str(kw["seed"]),
+           "--n-boot", str(kw["n_boot"])]
+    return shlex.join(cmd + (["--utility", "none"] if "utility" in kw else []))
 
 
 def _verdict(ok: bool) -> str:
@@ -180,16 +193,17 @@ def _time_generate(model: str, out: Path) -> float:
     import time
 
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pixgen.cli", "generate", "--model", model, "--n", "16", "--out", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "pixgen.cli", "generate", "--model", model, "--n", "16", "--out", str(out),
+                    "--overwrite"], check=True)
     return time.perf_counter() - t0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pixgen.commands import DEFAULT_MODEL
 
-    ap = argparse.ArgumentParser(prog="python -m training.default_report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m recipes.default_report", description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="the shared data folder (../shared/data)")
-    ap.add_argument("--work", required=True, type=Path, help="the training run folder (training.default_models --work)")
+    ap.add_argument("--work", required=True, type=Path, help="the training run folder (recipes.default_models --work)")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="the generator to evaluate (default: the bundled one)")
     ap.add_argument("--detector", required=True, type=Path, help="the independent detector (python -m metrics.classifier)")
     ap.add_argument("--docs", required=True, type=Path, help="where sheets, reports and targets.md go")
@@ -198,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from pixgen.cli import main as pixgen
+    from metrics.report import evaluate
 
     report = args.work / "report"
     real = _ensure_real(args.data, args.work)
@@ -207,19 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _sheets(real, synthetic, args.docs, args.seed)
     detectors = f"encoder:pixgen-ssl,classifier:{args.detector}"
     reports, run = {}, []
-    for name, cmd in _eval_commands(_views(report, args.work / "tiles"), report, detectors, args.n_boot).items():
-        out = report / f"eval-{name}"
+    for name, kw in _evaluations(_views(report, args.work / "tiles"), report, detectors, args.n_boot).items():
+        out, command = kw["out"], _as_command(kw)
         if not (out / "report.json").is_file():
-            print("$ " + shlex.join(cmd), flush=True)
-            if pixgen(cmd[1:]):
-                raise SystemExit(f"pixgen eval failed for {name}; rerun the same command to resume")
-        run.append(shlex.join(cmd))
+            print("$ " + command, flush=True)
+            evaluate(**kw)
+        run.append(command)
         shutil.copytree(out, args.docs / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.json", "*.npz"))
         reports[name] = json.loads((out / "report.json").read_text())
     seconds = _time_generate(args.model, report / "generate-16")
-    header = f"Measured {date.today()} by `python -m training.default_report` ({args.n} images per label).\n\n"
-    (args.docs / "targets.md").write_text(header + targets_markdown(reports, seconds) + "\nCommands:\n\n```bash\n"
-                                          + "\n".join(run) + "\n```\n")
+    header = f"Measured {date.today()} by `python -m recipes.default_report` ({args.n} images per label).\n\n"
+    write_text_atomic(args.docs / "targets.md", header + targets_markdown(reports, seconds) + "\nCommands:\n\n```bash\n"
+                      + "\n".join(run) + "\n```\n")
     print((args.docs / "targets.md").read_text())
     return 0
 
