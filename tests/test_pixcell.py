@@ -332,7 +332,7 @@ def test_pixcell_1024_cli_generate_offline(ckpt_1024, assets, tmp_path, capsys):
     with Image.open(out / "0000.png") as img:
         assert img.size == (1024, 1024)
     prov = json.loads((out / "provenance.json").read_text())
-    assert (prov["encoder"], prov["guidance"], prov["scheduler"]) == ("uni2-h", 1.2, "DPMSolverMultistepScheduler")
+    assert (prov["encoder"], prov["guidance"], prov["scheduler"]) == ("uni2-h", 2.0, "DPMSolverMultistepScheduler")
 
 
 def test_1024_conditions_on_a_4x4_grid_of_tiles(ckpt_1024, assets):
@@ -421,7 +421,7 @@ def test_controlnet_from_transformer_starts_neutral_and_roundtrips(ckpt_256, ass
         gen.controlnet.controlnet_blocks[0].weight.normal_()
     expected = gen.generate(control_image=mask, **kwargs).images
     again = Generator.from_pretrained(gen.save_pretrained(tmp_path / "saved"), encoder_path=assets["encoder"])
-    assert again.describe()["controlnet"] == {"layers": 1}
+    assert again.describe()["controlnet"] == {"layers": 1, "cfg": "both"}
     # same weights; reloaded tensors may take other BLAS paths (float32 noise ~1e-5)
     torch.testing.assert_close(again.generate(control_image=mask, **kwargs).images, expected, atol=2e-4, rtol=1e-4)
 
