@@ -216,8 +216,9 @@ def sample(
         raise InputError(f"{cond.shape[0]} condition rows for {noise.shape[0]} latents", fix="pass one condition row per latent")
     if not 0 <= start_step < steps:
         raise InputError(f"start_step must be in 0..{steps - 1}, got {start_step}")
-    if (start_step > 0) != (image_latents is not None):
-        raise InputError("img2img needs both image_latents and a start step > 0 (strength < 1)")
+    if start_step > 0 and image_latents is None:
+        raise InputError("a start step > 0 (strength < 1) needs image_latents to start from",
+                         fix="pass the clean latents (or an image) to noise to the start step")
     device = next(denoiser.parameters()).device
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps[start_step * scheduler.order:]
