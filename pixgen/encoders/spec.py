@@ -40,6 +40,8 @@ class EncoderSpec:
         description: one or two sentences for people choosing an encoder.
         model_kwargs: extra arguments for the backbone constructor (``timm.create_model`` or
             ``AutoModel.from_pretrained``).
+        resize: interpolation (antialiased) when images are resized to ``input_size``:
+            ``"bicubic"`` or ``"bilinear"`` (as the embeddings a model was trained on were made).
 
     Example:
         >>> spec = EncoderSpec(name="my-vit", dim=384, input_size=224, mean=IMAGENET_MEAN,
@@ -61,6 +63,7 @@ class EncoderSpec:
     licence: str = ""
     description: str = ""
     model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    resize: str = "bicubic"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", _triple(self.mean, "mean", self.name))
@@ -76,6 +79,8 @@ class EncoderSpec:
             problems.append("input_size and mpp must be positive")
         if any(s <= 0 for s in self.std):
             problems.append("std values must be positive")
+        if self.resize not in ("bicubic", "bilinear"):
+            problems.append(f"resize must be 'bicubic' or 'bilinear', got {self.resize!r}")
         if problems:
             raise InputError(
                 f"invalid EncoderSpec {self.name!r}: " + "; ".join(problems),
