@@ -158,10 +158,21 @@ class Generator:
             controlnet = PixgenControlNet.from_pretrained(root / "controlnet") if (root / "controlnet").is_dir() else None
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
                       controlnet=controlnet)
-        gen._root = root
-        gen._encoder_override = str(encoder_path) if encoder_path else None
-        gen._encoder_token = token
+        gen.locate(root, encoder_path=encoder_path, token=token)
         return gen.to(device, dtype) if device or dtype else gen
+
+    def locate(self, root: str | Path | None, encoder_path: str | Path | None = None, token: str | None = None) -> Generator:
+        """Record where the model was loaded from and where its encoder's weights come from
+        (``encoder_path``: local weights, not saved with the model; ``token``: for gated hubs).
+        Loaders (:meth:`from_pretrained`, format adapters such as PixCell's) call it.
+
+        Example:
+            >>> gen.locate("/models/PixCell-256", encoder_path="/models/UNI2-h")  # doctest: +SKIP
+        """
+        self._root = Path(root) if root is not None else None
+        self._encoder_override = str(encoder_path) if encoder_path else None
+        self._encoder_token = token
+        return self
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the diffusers-style layout: ``model_index.json``, ``transformer/``, ``vae/``,

@@ -374,9 +374,7 @@ def load_pixcell(
         "origin": index.get("_class_name", "PixCellPipeline"),
     }
     gen = Generator(transformer, vae, scheduler, config=config, controlnet=controlnet)
-    gen._root, gen._encoder_token = root, token  # as Generator.from_pretrained sets them
-    gen._encoder_override = str(encoder_path) if encoder_path else None  # local UNI2-h weights, not saved
-    return gen
+    return gen.locate(root, encoder_path=encoder_path, token=token)  # local UNI2-h weights are not saved
 
 
 def load_pixcell_transformer(directory: Path) -> PixgenTransformer:
