@@ -1,13 +1,17 @@
-"""Embeddings tagged with the encoder that made them, and the embedding bank of a model.
+"""Embeddings tagged ``(encoder, domain)``, and the embedding bank of a model.
 
 The embedding space is pixgen's interface: every request ends as condition tokens of one
-encoder. Tagging them with that encoder's name lets a model refuse foreign embeddings.
+encoder. Tagging them with that encoder's name and the stain domain of the tissue they describe
+(``"he"``, ``"ihc"``, ...) lets a model refuse foreign embeddings: an IHC model refuses H&E
+embeddings of the same encoder until a stain translator has mapped them.
 
 Example:
     >>> emb = Embeddings(torch.randn(4, 1, 384), encoder="pixgen-ssl")
+    >>> (emb.encoder, emb.domain)
+    ('pixgen-ssl', 'he')
     >>> save_embeddings("refs.safetensors", emb)                 # doctest: +SKIP
-    >>> load_embeddings("refs.safetensors").encoder              # doctest: +SKIP
-    'pixgen-ssl'
+    >>> load_embeddings("refs.safetensors").domain               # doctest: +SKIP
+    'he'
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -25,13 +30,18 @@ from pixgen.errors import EncoderMismatchError, InputError, ModelLoadError
 __all__ = ["Embeddings", "EmbeddingBank", "save_embeddings", "load_embeddings"]
 
 
+DEFAULT_DOMAIN = "he"  # what embeddings and models without a domain tag describe
+
+
 @dataclass
 class Embeddings:
-    """Condition tokens ``values`` (N, T, D) made by ``encoder`` (registry name, or None if unknown)."""
+    """Condition tokens ``values`` (N, T, D) made by ``encoder`` (registry name) from tissue of
+    stain ``domain``; None means unknown (untagged arrays), which any model accepts."""
 
     values: torch.Tensor
     encoder: str | None = None
     ids: list[str] = field(default_factory=list)
+    domain: str | None = DEFAULT_DOMAIN
 
     def __post_init__(self) -> None:
         values = torch.as_tensor(self.values)
@@ -52,8 +62,9 @@ class Embeddings:
     def __len__(self) -> int:
         return self.values.shape[0]
 
-    def check_encoder(self, expected: str | None, dim: int) -> None:
-        """Raise :class:`EncoderMismatchError` unless these embeddings fit a model's encoder."""
+    def check_encoder(self, expected: str | None, dim: int, domain: str | None = None) -> None:
+        """Raise :class:`EncoderMismatchError` unless these embeddings fit a model's encoder,
+        embedding size and stain domain."""
         if self.values.shape[-1] != dim:
             raise EncoderMismatchError(
                 f"embeddings have dim {self.values.shape[-1]} but the model expects {dim}"
@@ -65,11 +76,16 @@ class Embeddings:
                 f"embeddings come from encoder {self.encoder!r}, the model was trained on {expected!r}",
                 fix=f"re-embed the images with {expected!r} or pass references instead",
             )
+        if domain and self.domain and self.domain != domain:
+            raise EncoderMismatchError(
+                f"embeddings describe {self.domain!r} tissue, the model generates {domain!r}",
+                fix=f"translate them to {domain!r} with a stain translator, or use a model trained on {self.domain!r}",
+            )
 
 
 def save_embeddings(path: str | Path, emb: Embeddings) -> None:
-    """Write embeddings + encoder tag + ids to one safetensors file."""
-    meta = {"encoder": emb.encoder or "", "ids": json.dumps(emb.ids)}
+    """Write embeddings + encoder and domain tags + ids to one safetensors file."""
+    meta = {"encoder": emb.encoder or "", "domain": emb.domain or "", "ids": json.dumps(emb.ids)}
     save_file({"values": emb.values.contiguous()}, str(path), metadata=meta)
 
 
@@ -79,7 +95,7 @@ def load_embeddings(path: str | Path) -> Embeddings:
     if not path.is_file():
         raise InputError(f"no embeddings file at {path}", fix="check the --embeddings path")
     if path.suffix in (".npy", ".pt"):
-        return Embeddings(_load_array(path))
+        return Embeddings(_load_array(path), domain=None)
     try:
         from safetensors import safe_open
 
@@ -91,7 +107,8 @@ def load_embeddings(path: str | Path) -> Embeddings:
             f"{path} is not a pixgen embeddings file ({err})",
             fix="write it with pixgen.embeddings.save_embeddings, or pass a .npy / .pt array",
         ) from err
-    return Embeddings(values, encoder=meta.get("encoder") or None, ids=json.loads(meta.get("ids", "[]")))
+    domain = meta.get("domain", DEFAULT_DOMAIN) or None  # files written before domains existed are H&E
+    return Embeddings(values, encoder=meta.get("encoder") or None, ids=json.loads(meta.get("ids", "[]")), domain=domain)
 
 
 def _load_array(path: Path) -> torch.Tensor:
@@ -125,30 +142,46 @@ class EmbeddingBank:
     """Embeddings of real training tiles, grouped by label, so a label alone can condition.
 
     Stored as ``embedding_bank.safetensors`` (one tensor per label) with each label's tile
-    sources in the metadata.
+    sources and the domain in the metadata.
 
     Example:
         >>> bank = EmbeddingBank({"lung_scc": torch.randn(10, 1, 8)}, encoder="pixgen-ssl")
-        >>> bank.sample("lung_scc", 3, seed=0).values.shape
+        >>> bank.draw("lung_scc", seeds=[0, 1, 2]).values.shape
         torch.Size([3, 1, 8])
     """
 
     FILENAME = "embedding_bank.safetensors"
 
-    def __init__(self, entries: dict[str, torch.Tensor], encoder: str | None, sources: dict[str, list[str]] | None = None):
+    def __init__(self, entries: dict[str, torch.Tensor], encoder: str | None, sources: dict[str, list[str]] | None = None,
+                 domain: str | None = DEFAULT_DOMAIN):
         if not entries:
             raise InputError("an embedding bank needs at least one label")
         self.entries = {k: Embeddings(v).values for k, v in entries.items()}
         self.encoder = encoder
         self.sources = sources or {}
+        self.domain = domain
 
     @property
     def labels(self) -> list[str]:
         return sorted(self.entries)
 
+    def draw(self, label: str | None, seeds: Sequence[int | None], generator: torch.Generator | None = None) -> Embeddings:
+        """One entry of ``label`` (all labels pooled when None) per seed: entry ``randint(pool)``
+        of a generator seeded with that seed, so a seed draws the same entry in any run (draws
+        are independent, so a run may repeat an entry). A None seed draws from ``generator``."""
+        if label is not None and label not in self.entries:
+            raise InputError(f"unknown label {label!r}", fix=f"use one of: {', '.join(self.labels)}")
+        names = [label] if label is not None else self.labels
+        pool = torch.cat([self.entries[k] for k in names])
+        owners = [f"{k}[{i}]" for k in names for i in range(self.entries[k].shape[0])]
+        idx = [int(torch.randint(pool.shape[0], (1,), generator=generator if s is None else torch.Generator().manual_seed(s)))
+               for s in seeds]
+        return Embeddings(pool[idx], encoder=self.encoder, domain=self.domain, ids=[owners[i] for i in idx])
+
     def sample(self, label: str | None, n: int, seed: int = 0) -> Embeddings:
-        """``n`` bank embeddings of ``label`` (all labels pooled when None), drawn with a seed;
-        with replacement only when the pool holds fewer than ``n``."""
+        """``n`` distinct bank embeddings of ``label`` (all labels pooled when None), drawn with one
+        seed (for reports that want distinct entries); with replacement only when the pool holds
+        fewer than ``n``. Generation draws per image instead (:meth:`draw`)."""
         if label is not None and label not in self.entries:
             raise InputError(f"unknown label {label!r}", fix=f"use one of: {', '.join(self.labels)}")
         names = [label] if label is not None else self.labels
@@ -159,10 +192,10 @@ class EmbeddingBank:
             idx = torch.randint(pool.shape[0], (n,), generator=gen)
         else:
             idx = torch.randperm(pool.shape[0], generator=gen)[:n]
-        return Embeddings(pool[idx], encoder=self.encoder, ids=[owners[i] for i in idx.tolist()])
+        return Embeddings(pool[idx], encoder=self.encoder, domain=self.domain, ids=[owners[i] for i in idx.tolist()])
 
     def save(self, directory: str | Path) -> None:
-        meta = {"encoder": self.encoder or "", "sources": json.dumps(self.sources)}
+        meta = {"encoder": self.encoder or "", "domain": self.domain or "", "sources": json.dumps(self.sources)}
         save_file({k: v.contiguous() for k, v in self.entries.items()}, str(Path(directory) / self.FILENAME), metadata=meta)
 
     @classmethod
@@ -179,4 +212,5 @@ class EmbeddingBank:
             entries = load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ModelLoadError(f"corrupt embedding bank {path}: {err}", fix="re-create the bank or remove it") from err
-        return cls(entries, encoder=meta.get("encoder") or None, sources=json.loads(meta.get("sources", "{}")))
+        return cls(entries, encoder=meta.get("encoder") or None, sources=json.loads(meta.get("sources", "{}")),
+                   domain=meta.get("domain", DEFAULT_DOMAIN) or None)

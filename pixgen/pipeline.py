@@ -1,13 +1,14 @@
 """``Generator``: transformer + autoencoder + scheduler + encoder (+ embedding bank), one entry point.
 
-Conditioning always ends as condition tokens in the model's encoder space: given directly
-(``embeddings``), made from ``reference`` images by the model's own encoder, or drawn from the
-model's embedding bank by ``label``.
+Conditioning always ends as condition tokens in the model's encoder space, described by a
+:mod:`pixgen.conditioning` value (reference images, a bank draw by label, raw embeddings, a grid);
+``generate``'s ``embeddings=``, ``reference=`` and ``label=`` keywords build those values.
 
-Sampling: classifier-free guidance runs conditional and unconditional rows in one batched
-forward, ``pred = uncond + w * (cond - uncond)`` (pixgen's convention: ``w = 1`` is the plain
-conditional model, no extra forward). Image ``i`` of a call with ``seed=s`` starts from the
-noise of seed ``s + i``, so it is reproducible alone and independent of batch size.
+Sampling is :func:`pixgen.sampling.sample` (classifier-free guidance
+``pred = uncond + w * (cond - uncond)``; ``w = 1`` is the plain conditional model, no extra
+forward; ControlNet residuals; the scheduler loop). Image ``i`` of a call with ``seed=s`` takes
+its noise and its bank draw from seed ``s + i``, so it is reproducible alone, whatever
+``num_images``. Batch size changes only float rounding (see ``tests/test_sampling.py``).
 
 Default samplers (diffusers schedulers): flow-matching models use
 ``FlowMatchEulerDiscreteScheduler``; epsilon models (PixCell) use ``DPMSolverMultistepScheduler``
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,12 +36,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pixgen import __version__
-from pixgen.embeddings import EmbeddingBank, Embeddings
+from pixgen.conditioning import Condition, from_keywords
+from pixgen.embeddings import DEFAULT_DOMAIN, EmbeddingBank, Embeddings
 from pixgen.errors import InputError, ModelLoadError
 from pixgen.io import load_image
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, mask_to_pixels, per_image
 from pixgen.models.transformer import PixgenTransformer
+from pixgen.sampling import StepCallback, check_sampling_args, sample, start_step_for_strength
 
 __all__ = ["Generator", "GenerationOutput", "default_scheduler", "SCHEDULERS"]
 
@@ -83,8 +86,10 @@ class Generator:
         encoder: a loaded :class:`pixgen.encoders.Encoder`, or None to load it lazily by name.
         embedding_bank: label -> real-tile embeddings, for label-only generation.
         controlnet: optional :class:`PixgenControlNet` steering generation with a cell mask.
-        config: ``encoder`` (registry name), ``image_size``, ``mpp``, ``num_inference_steps``,
-            ``guidance_scale``, and ``encoder_path`` (``"encoder"`` when the encoder's weights are
+        config: ``encoder`` (registry name), ``domain`` (stain of the generated tissue, ``"he"``;
+            embeddings of another domain are refused), ``image_size``, ``mpp``,
+            ``num_inference_steps``, ``guidance_scale``, ``controlnet_cfg`` (``"both"`` / ``"cond"``,
+            see :mod:`pixgen.sampling`), and ``encoder_path`` (``"encoder"`` when the encoder's weights are
             saved inside the model directory; None for hub encoders such as UNI2-h).
     """
 
@@ -108,6 +113,8 @@ class Generator:
         self.config: dict[str, Any] = {
             "encoder": transformer.config.encoder_name,
             "encoder_path": None,
+            "domain": DEFAULT_DOMAIN,
+            "controlnet_cfg": "both",
             "image_size": transformer.config.sample_size * vae.downsample_factor,
             "mpp": None,
             "num_inference_steps": DEFAULT_STEPS[pred],
@@ -163,9 +170,7 @@ class Generator:
         """Record where the model was loaded from (an encoder saved with it is found there), local
         encoder weights that replace it (used, not saved), the hub token and whether the user allowed a
         pinned registry encoder's remote code (never read from the folder); returns ``self``.
-
-        Loaders of other layouts (e.g. :func:`pixgen.pixcell.load_pixcell`) call it as
-        ``from_pretrained`` does.
+        Loaders (:meth:`from_pretrained`, format adapters such as PixCell's) call it.
 
         Example:
             >>> gen.locate("/models/PixCell-256", encoder_path="/models/UNI2-h")  # doctest: +SKIP
@@ -254,6 +259,7 @@ class Generator:
             "mpp": self.config.get("mpp"),
             "autoencoder": self.vae.kind,
             "encoder": self.config.get("encoder"),
+            "domain": self.config.get("domain"),
             "condition_dim": cfg.caption_channels,
             "condition_tokens": cfg.caption_num_tokens,
             "condition_pos_embed": self.transformer.y_pos_embed is not None,
@@ -262,12 +268,14 @@ class Generator:
             "num_inference_steps": self.config["num_inference_steps"],
             "guidance_scale": self.config["guidance_scale"],
             "bank": {k: int(v.shape[0]) for k, v in self.embedding_bank.entries.items()} if self.embedding_bank else None,
-            "controlnet": {"layers": self.controlnet.config.num_layers} if self.controlnet is not None else None,
+            "controlnet": ({"layers": self.controlnet.config.num_layers, "cfg": self.config.get("controlnet_cfg")}
+                           if self.controlnet is not None else None),
         }
 
     # ------------------------------------------------------------------ conditioning
     def embed_references(self, reference: Sequence[Any]) -> Embeddings:
-        """Embed reference images (paths, PIL, arrays) with the model's encoder, as condition tokens."""
+        """Embed reference images (paths, PIL, arrays) with the model's encoder, as condition tokens
+        (tagged with the model's domain: references are taken to show the tissue it generates)."""
         if isinstance(reference, (str, Path, Image.Image, np.ndarray)):
             reference = [reference]
         ids = [str(r) if isinstance(r, (str, Path)) else f"reference[{i}]" for i, r in enumerate(reference)]
@@ -275,48 +283,41 @@ class Generator:
         tokens = self.transformer.config.caption_num_tokens
         enc = self.encoder
         values = enc.embed_grid(images, grid=round(tokens**0.5)) if tokens > 1 else enc.embed(images)
-        return Embeddings(values, encoder=enc.spec.name, ids=ids)
+        return Embeddings(values, encoder=enc.spec.name, ids=ids, domain=self.config.get("domain"))
 
-    def conditions(
-        self,
-        embeddings: Embeddings | torch.Tensor | None = None,
-        reference: Sequence[Any] | None = None,
-        label: str | None = None,
-        num_images: int = 1,
-        seed: int = 0,
-    ) -> Embeddings:
-        """One condition per output image: each given condition repeated ``num_images`` times,
-        or ``num_images`` bank draws for a ``label`` (for nothing given: from all bank labels)."""
-        given = [x is not None for x in (embeddings, reference, label)]
-        if sum(given) > 1:
-            raise InputError("give only one of embeddings, reference or label")
-        if num_images < 1:
-            raise InputError(f"num_images must be >= 1, got {num_images}")
-        if label is not None or (sum(given) == 0 and self.embedding_bank is not None):
-            if self.embedding_bank is None:
-                raise InputError("this model has no embedding bank, so --label cannot be used", fix="pass --reference images")
-            return self.embedding_bank.sample(label, num_images, seed=seed)  # no label: all labels pooled
-        if reference is not None:
-            cond = self.embed_references(reference)
-        elif embeddings is not None:
-            cond = embeddings if isinstance(embeddings, Embeddings) else Embeddings(embeddings)
-        else:
-            raise InputError(
-                "nothing to condition on",
-                fix="pass reference images, embeddings, or a label"
-                + (f" (labels: {', '.join(self.embedding_bank.labels)})" if self.embedding_bank else ""),
-            )
-        ids = cond.ids or [f"condition[{i}]" for i in range(len(cond))]
-        return Embeddings(
-            cond.values.repeat_interleave(num_images, 0),
-            encoder=cond.encoder,
-            ids=[i for i in ids for _ in range(num_images)],
-        )
+    def check_conditions(self, cond: Embeddings) -> None:
+        """Refuse tokens of another encoder, dimension, domain or token count (:class:`EncoderMismatchError`)."""
+        cond.check_encoder(self.config.get("encoder"), self.transformer.config.caption_channels, self.config.get("domain"))
+        self.transformer.check_condition(cond.values)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def generate(
+    def generate(self, condition: Condition | Embeddings | torch.Tensor | None = None, **kwargs: Any) -> GenerationOutput:
+        """Generate images: all batches of :meth:`generate_batches`, joined.
+
+        Example:
+            >>> out = gen.generate(label="lung_aca", num_images=2, seed=1)  # doctest: +SKIP
+            >>> out = gen.generate(BankDraw("lung_aca"), num_images=2, seed=1)  # the same  # doctest: +SKIP
+        """
+        parts = list(self.generate_batches(condition, **kwargs))
+        images = [p.images for p in parts]
+        if isinstance(images[0], list):
+            joined = [im for part in images for im in part]
+        elif isinstance(images[0], np.ndarray):
+            joined = np.concatenate(images)
+        else:
+            joined = torch.cat(images)
+        cond = parts[0].conditions
+        conditions = Embeddings(torch.cat([p.conditions.values for p in parts]), encoder=cond.encoder,
+                                ids=[i for p in parts for i in p.condition_ids], domain=cond.domain)
+        return GenerationOutput(images=joined, seeds=[s for p in parts for s in p.seeds],
+                                condition_ids=conditions.ids, conditions=conditions, extra=parts[0].extra)
+
+    @torch.no_grad()
+    def generate_batches(
         self,
+        condition: Condition | Embeddings | torch.Tensor | None = None,
+        *,
         embeddings: Embeddings | torch.Tensor | None = None,
         reference: Sequence[Any] | None = None,
         label: str | None = None,
@@ -328,110 +329,147 @@ class Generator:
         output_type: str = "pil",
         batch_size: int = 8,
         progress: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        latents: torch.Tensor | None = None,
+        image: Any | None = None,
+        strength: float = 1.0,
         control_image: Any | None = None,
         controlnet_conditioning_scale: float = 1.0,
-    ) -> GenerationOutput:
-        """Generate images.
+        controlnet_cfg: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> Iterator[GenerationOutput]:
+        """Generate images batch by batch (write each batch as it comes; nothing is held).
 
         Args:
+            condition: a :mod:`pixgen.conditioning` value (:class:`Reference`, :class:`BankDraw`,
+                :class:`RawEmbeddings`, :class:`EmbeddingGrid`) or condition tokens. The keywords
+                below build one; give one of them. Nothing: bank draws from all labels.
             embeddings: condition tokens (N, D) / (N, T, D) or tagged :class:`Embeddings`.
             reference: image paths / PIL images / uint8 arrays, embedded by the model's encoder.
             label: a label of the model's embedding bank (``pixgen info`` lists them).
             num_images: images per condition (per label for ``label``).
-            num_inference_steps, guidance_scale: default to the model's config.
-            generator: a torch.Generator for all noise (overrides ``seed``).
-            seed: image i uses seed ``seed + i``.
+            num_inference_steps, guidance_scale: default to the model's config; steps >= 1 and a
+                finite guidance are required. ``guidance_scale == 1`` skips the unconditional pass.
+            generator: a torch.Generator for all noise and draws (overrides ``seed``).
+            seed: image i uses seed ``seed + i`` for its noise and its bank draw, so it is
+                reproducible alone and does not depend on ``num_images``.
             output_type: ``"pil"``, ``"np"`` (uint8 NHWC), ``"pt"`` (float NCHW in [0, 1]) or ``"latent"``.
-            batch_size: images per forward (memory only; results do not depend on it).
+            batch_size: images per forward (memory only).
+            height, width: output size in pixels (default: the model's ``image_size``); any
+                multiple of the autoencoder's factor times the patch size.
+            latents: starting noise (N, C, h, w) for all N images, instead of seeded noise.
+            image: img2img: image(s) (one for all, one per condition or one per image), encoded
+                by the autoencoder and noised to the step ``strength`` sets.
+            strength: img2img strength in (0, 1]; 1 starts from pure noise.
             control_image: binary cell mask(s) of the output size, (H, W) uint8/bool (non-zero = cell):
                 one for all images, one per condition or one per image; needs a ``controlnet``.
             controlnet_conditioning_scale: strength of the ControlNet residuals (0 = off).
+            controlnet_cfg: ``"both"`` / ``"cond"``: which CFG half gets the residuals (default:
+                the model's ``controlnet_cfg`` config, ``"both"``; see :mod:`pixgen.sampling`).
+            callback: ``callback(step, timestep, latents, x0)`` per step of each batch; returning
+                False raises :class:`SamplingCancelled` (batches already yielded stay valid).
 
         Example:
-            >>> out = gen.generate(label="lung_aca", num_images=2, seed=1)  # doctest: +SKIP
+            >>> for batch in gen.generate_batches(label="lung_aca", num_images=64, batch_size=16):  # doctest: +SKIP
+            ...     save(batch.images, batch.seeds)
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"unknown output_type {output_type!r}", fix="use pil, np, pt or latent")
-        steps = int(num_inference_steps or self.config["num_inference_steps"])
-        guidance = float(self.config["guidance_scale"] if guidance_scale is None else guidance_scale)
-        if steps < 1:
-            raise InputError(f"num_inference_steps must be >= 1, got {steps}")
-        cond = self.conditions(embeddings, reference, label, num_images, seed or 0)
-        cond.check_encoder(self.config.get("encoder"), self.transformer.config.caption_channels)
-        self.transformer.check_condition(cond.values)
-        seeds = [None] * len(cond) if generator is not None else [(seed or 0) + i for i in range(len(cond))]
-        noise = self._noise(len(cond), seeds, generator)
-        control = self._control_latents(control_image, len(cond) // num_images, num_images)
-        latents = []
-        chunks = range(0, len(cond), batch_size)
-        bar = tqdm(total=len(chunks) * steps, desc="denoising", disable=not progress, unit="step")
-        for start in chunks:
-            sl = slice(start, start + batch_size)
-            ctrl = None if control is None else control[sl]
-            latents.append(self._denoise(noise[sl], cond.values[sl].to(self.device, self.dtype), steps, guidance, bar,
-                                         ctrl, controlnet_conditioning_scale))
-        bar.close()
-        latents = torch.cat(latents)
-        images = latents if output_type == "latent" else self._decode(latents, output_type, batch_size)
-        return GenerationOutput(images=images, seeds=seeds, condition_ids=cond.ids, conditions=cond,
-                                extra={"num_inference_steps": steps, "guidance_scale": guidance})
+        steps, guidance, strength = check_sampling_args(
+            self.config["num_inference_steps"] if num_inference_steps is None else num_inference_steps,
+            self.config["guidance_scale"] if guidance_scale is None else guidance_scale, strength)
+        if num_images < 1:
+            raise InputError(f"num_images must be >= 1, got {num_images}")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        controlnet_cfg = controlnet_cfg or self.config.get("controlnet_cfg", "both")
+        cond_value = from_keywords(self, condition, embeddings, reference, label)
+        total = cond_value.size(self) * num_images
+        seeds: list[int | None] = [None] * total if generator is not None else [(seed or 0) + i for i in range(total)]
+        cond = cond_value.resolve(self, seeds, generator)
+        self.check_conditions(cond)
+        shape = self._latent_shape(height, width)
+        noise = self._noise(seeds, shape, generator, latents)
+        control = self._control_latents(control_image, total // num_images, num_images, shape)
+        start = start_step_for_strength(steps, strength) if image is not None else 0
+        clean = self._image_latents(image, total // num_images, num_images, shape) if image is not None else None
+        bar = tqdm(total=-(-total // batch_size) * (steps - start), desc="denoising", disable=not progress, unit="step")
 
-    def _noise(self, n: int, seeds: list[int | None], generator: torch.Generator | None) -> torch.Tensor:
-        cfg = self.transformer.config
-        shape = (self.vae.latent_channels, cfg.sample_size, cfg.sample_size)
+        def on_step(step, t, x, x0):
+            bar.update(1)
+            return None if callback is None else callback(step, t, x, x0)
+
+        try:
+            for lo in range(0, total, batch_size):
+                sl = slice(lo, lo + batch_size)
+                out = sample(self.transformer, self.scheduler, noise[sl], cond.values[sl], num_inference_steps=steps,
+                             guidance_scale=guidance, start_step=start, image_latents=None if clean is None else clean[sl],
+                             controlnet=self.controlnet if control is not None else None,
+                             control=None if control is None else control[sl],
+                             controlnet_conditioning_scale=controlnet_conditioning_scale,
+                             controlnet_cfg=controlnet_cfg, callback=on_step)
+                part = Embeddings(cond.values[sl], encoder=cond.encoder, ids=cond.ids[sl], domain=cond.domain)
+                images = out if output_type == "latent" else self._decode(out, output_type, batch_size)
+                yield GenerationOutput(images=images, seeds=seeds[sl], condition_ids=part.ids, conditions=part,
+                                       extra={"num_inference_steps": steps, "guidance_scale": guidance,
+                                              "strength": strength, "controlnet_cfg": controlnet_cfg,
+                                              "batch_start": lo})
+        finally:
+            bar.close()
+
+    def _latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for an output of ``height`` x ``width`` pixels."""
+        size, f = self.config["image_size"], self.vae.downsample_factor
+        height, width = height or size, width or size
+        unit = f * self.transformer.config.patch_size
+        if height % unit or width % unit or height < unit or width < unit:
+            raise InputError(f"image size {height}x{width} is not a positive multiple of {unit} px",
+                             fix=f"use multiples of {unit} (autoencoder factor {f} x patch size)")
+        return (self.vae.latent_channels, height // f, width // f)
+
+    def _noise(self, seeds: list[int | None], shape: tuple[int, int, int], generator: torch.Generator | None,
+               latents: torch.Tensor | None) -> torch.Tensor:
+        """Starting noise: ``latents`` as given, else image i's noise from ``torch.Generator(seed_i)``."""
+        if latents is not None:
+            latents = torch.as_tensor(latents, dtype=torch.float32)
+            if tuple(latents.shape) != (len(seeds), *shape):
+                raise InputError(f"latents have shape {tuple(latents.shape)}, expected {(len(seeds), *shape)}",
+                                 fix="pass one (C, h, w) noise tensor per output image")
+            return latents
         if generator is not None:
-            return randn_tensor((n, *shape), generator=generator, dtype=torch.float32)
+            return randn_tensor((len(seeds), *shape), generator=generator, dtype=torch.float32)
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
-    def _control_latents(self, control_image: Any, num_conditions: int, num_images: int) -> torch.Tensor | None:
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters(), torch.zeros((), dtype=self.dtype)).dtype
+        return self.vae.encode(pixels.to(self.device, vae_dtype)).float()
+
+    def _control_latents(self, control_image: Any, num_conditions: int, num_images: int,
+                         shape: tuple[int, int, int] | None = None) -> torch.Tensor | None:
         """VAE latents of the control masks, one per output image (PixCell's mask encoding)."""
         if control_image is None:
             return None
         if self.controlnet is None:
             raise InputError("this model has no ControlNet, so control_image cannot be used",
                              fix="load a model with a controlnet/ folder, e.g. PixCell-256-Cell-ControlNet")
-        pixels = mask_to_pixels(control_image, self.config["image_size"])  # (M, 3, H, W) in [-1, 1]
-        vae_dtype = next(self.vae.parameters(), torch.zeros((), dtype=self.dtype)).dtype
-        latents = self.vae.encode(pixels.to(self.device, vae_dtype)).to(self.dtype)
+        f = self.vae.downsample_factor
+        size = (shape[1] * f, shape[2] * f) if shape is not None else self.config["image_size"]
+        pixels = mask_to_pixels(control_image, size)  # (M, 3, H, W) in [-1, 1]
+        return per_image(self._vae_encode(pixels).to(self.dtype), num_conditions, num_images)
+
+    def _image_latents(self, image: Any, num_conditions: int, num_images: int, shape: tuple[int, int, int]) -> torch.Tensor:
+        """img2img: clean latents of ``image`` (paths, PIL, uint8 arrays), one per output image."""
+        from pixgen.encoders.images import to_uint8_batch
+
+        items = image if isinstance(image, (list, tuple)) else [image]
+        batch = to_uint8_batch([load_image(i) if isinstance(i, (str, Path)) else i for i in items])  # (M, 3, H, W)
+        f = self.vae.downsample_factor
+        if tuple(batch.shape[-2:]) != (shape[1] * f, shape[2] * f):
+            raise InputError(f"img2img image is {batch.shape[-2]}x{batch.shape[-1]}, the output is "
+                             f"{shape[1] * f}x{shape[2] * f}", fix="crop or resize it to the output size")
+        latents = self._vae_encode(batch.float() / 127.5 - 1)
         return per_image(latents, num_conditions, num_images)
-
-    def _control_residuals(self, model_in, t, cond, control, scale: float, use_cfg: bool) -> list[torch.Tensor] | None:
-        """ControlNet residuals for the conditional rows; unconditional CFG rows get none (as PixCell)."""
-        if control is None:
-            return None
-        n = control.shape[0]
-        res = self.controlnet(model_in[:n], t.expand(n).to(self.device), cond, control, conditioning_scale=scale)
-        samples = res.controlnet_block_samples
-        return [torch.cat([r, torch.zeros_like(r)]) for r in samples] if use_cfg else list(samples)
-
-    def _denoise(self, x: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float, bar,
-                 control: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
-        """Run the scheduler loop for one chunk; CFG rows batched with the conditional ones."""
-        x = x.to(self.device)
-        self.scheduler.set_timesteps(steps, device=self.device)
-        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at sigma 1
-        use_cfg = guidance != 1.0
-        n = x.shape[0]
-        drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(self.device)
-        for t in self.scheduler.timesteps:
-            model_in = torch.cat([x, x]) if use_cfg else x
-            if hasattr(self.scheduler, "scale_model_input"):
-                model_in = self.scheduler.scale_model_input(model_in, t)
-            model_in = model_in.to(self.dtype)
-            pred = self.transformer(
-                model_in,
-                t.expand(model_in.shape[0]).to(self.device),
-                torch.cat([cond, cond]) if use_cfg else cond,
-                drop_condition=drop if use_cfg else None,
-                controlnet_block_samples=self._control_residuals(model_in, t, cond, control, control_scale, use_cfg),
-            ).sample.float()
-            pred = pred[:, : self.vae.latent_channels]  # drop the learned-variance half, if any
-            if use_cfg:
-                cond_pred, uncond_pred = pred.chunk(2)
-                pred = uncond_pred + guidance * (cond_pred - uncond_pred)
-            x = self.scheduler.step(pred, t, x).prev_sample
-            bar.update(1)
-        return x
 
     def _decode(self, latents: torch.Tensor, output_type: str, batch_size: int):
         vae_dtype = next(self.vae.parameters(), torch.zeros((), dtype=self.dtype)).dtype

@@ -10,13 +10,21 @@
 * a ``controlnet/`` folder (``PixCell-256-Cell-ControlNet``) becomes a :class:`PixgenControlNet`;
 * the scheduler is PixCell's own ``scheduler_config.json`` (DPM-Solver++, order 2, linear betas);
 * the VAE is SD3.5's: ``vae_path``, else the checkpoint's own ``vae/`` when it holds weights (the
-  ControlNet repo bundles it), else ``stabilityai/stable-diffusion-3.5-large`` (subfolder ``vae``);
+  published repos hold only ``vae/config.json``; their cards load the weights from Stability AI),
+  else ``stabilityai/stable-diffusion-3.5-large`` (subfolder ``vae``);
 * the encoder is the ``uni2-h`` registry entry (``encoder_path`` for local weights); PixCell-1024
   takes a 4x4 grid of UNI2-h tokens, one per 256-px tile of a 1024-px reference.
 
 Guidance: pixgen's convention is ``pred = uncond + w * (cond - uncond)``. PixCell's scripts use
 it too, except ``tools/sample_4k.py``, which forms ``(w + 1) * cond - w * uncond``; convert with
-:func:`pixcell_guidance_to_pixgen`.
+:func:`pixcell_guidance_to_pixgen`. The default is 2 for both sizes (``--guidance_strength``
+default of ``tools/sample_256.py`` and ``tools/sample_1024.py``).
+
+ControlNet and guidance: which CFG half receives the ControlNet residuals is the generator's
+``controlnet_cfg`` option. PixCell's ControlNet pipeline (``StonyBrook-CVLab/PixCell-pipeline-
+ControlNet``) could not be read here, so the default is diffusers' ControlNet convention,
+``"both"`` (each half runs the ControlNet with its own condition tokens); ``"cond"`` gives the
+residuals to the conditional half only.
 
 Example:
     >>> gen = Generator.from_pretrained("StonyBrook-CVLab/PixCell-256", token="hf_...")   # doctest: +SKIP
@@ -57,8 +65,9 @@ ENCODER = "uni2-h"
 MPP = 0.5  # PixCell trains on 20x tiles ("pixart_20x_*" configs)
 NUM_INFERENCE_STEPS = 20
 # pixgen convention (uncond + w (cond - uncond)), keyed by condition tokens: 1 -> PixCell-256
-# (tools/sample_256.py default 2), 16 -> PixCell-1024 (1.2).
-DEFAULT_GUIDANCE = {1: 2.0, 16: 1.2}
+# (tools/sample_256.py --guidance_strength default 2), 16 -> PixCell-1024 (tools/sample_1024.py, 2).
+DEFAULT_GUIDANCE = {1: 2.0, 16: 2.0}
+CONTROLNET_CFG = "both"  # diffusers' ControlNet convention; PixCell's own pipeline was not readable
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 # ---------------------------------------------------------------------------------------------
@@ -241,11 +250,13 @@ def load_pixcell(
         "image_size": transformer.config.sample_size * vae.downsample_factor,
         "mpp": MPP,
         "num_inference_steps": NUM_INFERENCE_STEPS,
-        "guidance_scale": DEFAULT_GUIDANCE.get(tokens, 1.0),
+        "guidance_scale": DEFAULT_GUIDANCE.get(tokens, 2.0),
+        "controlnet_cfg": CONTROLNET_CFG,
+        "domain": "he",
         "origin": index.get("_class_name", "PixCellPipeline"),
     }
     gen = Generator(transformer, vae, scheduler, config=config, controlnet=controlnet)
-    return gen.locate(root, encoder_path=encoder_path, token=token)  # local UNI2-h weights: used, not saved
+    return gen.locate(root, encoder_path=encoder_path, token=token)  # local UNI2-h weights are not saved
 
 
 def load_pixcell_transformer(directory: Path) -> PixgenTransformer:

@@ -96,8 +96,8 @@ def save_tiny_model(directory: str | Path, seed: int = 0, **kwargs) -> Path:
 # PixCell's published files, as data, for writing offline test checkpoints (tests/test_pixcell.py);
 # pixgen.pixcell reads the real files and never needs these. Sources: the Hub file listings of the three repos (file sizes), the
 # config dicts copied into public scripts that load PixCell-1024 (cvlab-stonybrook/PixCell
-# virtual_staining/*.py), configs/pan_cancer/pixcell_{256,1024}_inference.py (pe_interpolation
-# 0.5 / 2.0, 1 / 16 tokens) and controlnet/*.py (class and argument names). Values not visible
+# virtual_staining/*.py), configs/pan_cancer/pixart_20x_256.py and pixart_20x_1024_pos_embed.py
+# (pe_interpolation 0.5 / 2.0, 1 / 16 tokens) and controlnet/*.py (class and argument names). Values not visible
 # in those sources were chosen so that the JSON diffusers writes has exactly the published byte
 # size (transformer 862 B for PixCell-256, scheduler 828 B, model_index 285 B / 386 B); the
 # `_name_or_path` strings only matter for that size.

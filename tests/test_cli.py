@@ -110,3 +110,27 @@ def test_missing_bundled_model_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(commands, "DEFAULT_MODEL", tmp_path / "pixgen-default")
     assert main(["generate", "--model", str(tmp_path / "pixgen-default"), "--out", str(tmp_path / "o")]) == 1
     assert "bundled default model is missing from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--guidance", "nan", "guidance scale must be a finite number"),
+    ("--guidance", "inf", "guidance scale must be a finite number"),
+    ("--steps", "0", "sampling steps must be a whole number >= 1"),
+])
+def test_nan_guidance_and_zero_steps_are_one_line_errors(model_dir, tmp_path, capsys, flag, value, words):
+    assert main(["generate", "--model", str(model_dir), "--out", str(tmp_path / "o"), flag, value]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "fix:" in err
+    assert not (tmp_path / "o").exists()  # nothing written, no NaN provenance
+
+
+def test_label_image_regenerates_alone_from_its_seed(model_dir, tmp_path):
+    """Issue 11: image i of `--n 8 --seed 5` equals `--n 1 --seed 5+i` (bank draw per image seed)."""
+    import numpy as np
+
+    base = ["generate", "--model", str(model_dir), "--label", "tumour", "--batch-size", "1", "--steps", "2"]
+    assert main([*base, "--n", "8", "--seed", "5", "--out", str(tmp_path / "run")]) == 0
+    assert main([*base, "--n", "1", "--seed", "11", "--out", str(tmp_path / "alone")]) == 0
+    run, alone = np.array(Image.open(tmp_path / "run" / "0006.png")), np.array(Image.open(tmp_path / "alone" / "0000.png"))
+    assert np.array_equal(run, alone)
+    assert read_provenance(tmp_path / "run" / "0006.png")["condition"] == read_provenance(tmp_path / "alone" / "0000.png")["condition"]

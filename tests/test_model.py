@@ -69,13 +69,20 @@ def test_any_number_of_tokens_without_grid():
 
 
 def test_grid_tokens_get_position_embedding():
+    """The fixed grid table is added to the tokens before projection: zeroing it changes the
+    output, and adding it by hand to the tokens of the zeroed model restores it."""
     model = tiny_transformer(caption_num_tokens=16)
     assert model.y_pos_embed is not None and model.y_pos_embed.y_pos_embed.shape == (1, 16, 32)
     pe = grid_pos_embed(32, 16, base_size=4)
     assert pe.shape == (16, 32) and len({tuple(r.tolist()) for r in pe}) == 16
+    torch.testing.assert_close(model.y_pos_embed.y_pos_embed[0], pe)
     x, t, _ = _inputs()
     y = torch.randn(2, 1, 32).expand(2, 16, 32)  # same embedding in every cell: only position differs
-    assert model(x, t, y).sample.shape == (2, 4, 8, 8)
+    with_pe = model(x, t, y).sample
+    table = model.y_pos_embed.y_pos_embed.clone()
+    model.y_pos_embed.y_pos_embed.zero_()
+    assert not torch.allclose(model(x, t, y).sample, with_pe, atol=1e-4)
+    torch.testing.assert_close(model(x, t, y + table).sample, with_pe, atol=1e-5, rtol=1e-5)
     with pytest.raises(InputError, match="grid of 16 condition tokens"):
         model(x, t, torch.randn(2, 4, 32))
 

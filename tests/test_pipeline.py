@@ -127,10 +127,27 @@ def test_label_generation_from_bank(gen):
 
 
 def test_epsilon_model_with_learned_variance_and_dpm_solver():
+    """The epsilon half is used, the variance half never read: NaN there changes nothing, while
+    swapping the halves (taking the wrong one) changes the result."""
+    from pixgen.models.transformer import TransformerOutput
+
     gen = tiny_generator(prediction_type="epsilon", out_channels=8)
     assert type(gen.scheduler).__name__ == "DPMSolverMultistepScheduler"
-    out = _run(gen)
-    assert out.images.shape == (2, 32, 32, 3)
+    reference = _run(gen, output_type="latent").images
+    original = gen.transformer.forward
+
+    def nan_variance(*args, **kwargs):
+        out = original(*args, **kwargs).sample
+        return TransformerOutput(sample=torch.cat([out[:, :4], torch.full_like(out[:, 4:], float("nan"))], 1))
+
+    def swapped_halves(*args, **kwargs):
+        out = original(*args, **kwargs).sample
+        return TransformerOutput(sample=torch.cat([out[:, 4:], out[:, :4]], 1))
+
+    gen.transformer.forward = nan_variance
+    assert torch.equal(_run(gen, output_type="latent").images, reference)
+    gen.transformer.forward = swapped_halves
+    assert not torch.allclose(_run(gen, output_type="latent").images, reference, atol=1e-3)
 
 
 def test_embeddings_file_round_trip(tmp_path):

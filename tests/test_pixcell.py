@@ -15,6 +15,7 @@ SD3.5 scaling 1.5305 / shift 0.0609) plays the SD3.5 VAE and a tiny encoder save
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -31,10 +32,9 @@ from torch import nn
 from pixgen import pixcell
 from pixgen.cli import main as cli
 from pixgen.encoders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Encoder,
     EncoderSpec,
+    get_encoder_spec,
     register_loader,
 )
 from pixgen.errors import InputError, ModelLoadError
@@ -189,8 +189,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         mid_block_add_attention=False,
     )
     vae.save_pretrained(base / "sd35-vae")
-    spec = EncoderSpec(name="uni2-h", dim=1536, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,
-                       source="test", library="pixcell-test")
+    # the catalog's uni2-h facts (size, normalisation, resize), a tiny test backbone
+    spec = dataclasses.replace(get_encoder_spec("uni2-h"), source="test", library="pixcell-test", model_kwargs={})
     TinyUNI(spec, nn.Linear(48, 1536)).save_pretrained(base / "uni2-h")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(base / "tile.png")
@@ -331,7 +331,7 @@ def test_pixcell_1024_cli_generate_offline(ckpt_1024, assets, tmp_path, capsys):
         assert img.size == (1024, 1024)
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["model"]["encoder"], manifest["sampler"]["guidance"], manifest["sampler"]["scheduler"]) == (
-        "uni2-h", 1.2, "DPMSolverMultistepScheduler")
+        "uni2-h", 2.0, "DPMSolverMultistepScheduler")
 
 
 def test_1024_conditions_on_a_4x4_grid_of_tiles(ckpt_1024, assets):
@@ -420,7 +420,7 @@ def test_controlnet_from_transformer_starts_neutral_and_roundtrips(ckpt_256, ass
         gen.controlnet.controlnet_blocks[0].weight.normal_()
     expected = gen.generate(control_image=mask, **kwargs).images
     again = Generator.from_pretrained(gen.save_pretrained(tmp_path / "saved"), encoder_path=assets["encoder"])
-    assert again.describe()["controlnet"] == {"layers": 1}
+    assert again.describe()["controlnet"] == {"layers": 1, "cfg": "both"}
     # same weights; reloaded tensors may take other BLAS paths (float32 noise ~1e-5)
     torch.testing.assert_close(again.generate(control_image=mask, **kwargs).images, expected, atol=2e-4, rtol=1e-4)
 
@@ -439,3 +439,16 @@ def test_controlnet_layout_is_routed_by_from_pretrained(ckpt_controlnet):
 
     index = json.loads((ckpt_controlnet / "model_index.json").read_text())
     assert formats.detect(ckpt_controlnet, index) is pixcell.load_pixcell
+
+
+def test_uni2h_preprocessing_resizes_as_pixcell_feature_extraction(ckpt_256, assets):
+    """PixCell's tools/extract_features.py: torchvision Resize(224) (bilinear) then ImageNet
+    normalisation; pixgen's uni2-h preprocessing agrees to one grey level (PIL's uint8 rounding)."""
+    from torchvision import transforms as T
+
+    enc = load(ckpt_256, assets).encoder
+    assert get_encoder_spec("uni2-h").resize == enc.spec.resize == "bilinear"
+    tile = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    pixcell_tf = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    expected = pixcell_tf(Image.fromarray(tile))[None]
+    torch.testing.assert_close(enc.preprocess(tile), expected, atol=0.0045 / 0.224, rtol=0)

@@ -92,8 +92,8 @@ class Encoder(nn.Module):
     def preprocess(self, images: Any) -> torch.Tensor:
         """Images (anything `to_uint8_batch` takes) -> normalised float32 (N, 3, S, S) on the CPU.
 
-        Scales to [0, 1], resizes to ``input_size`` (bicubic, antialiased; skipped when the
-        size already matches) and normalises with ``mean`` / ``std``.
+        Scales to [0, 1], resizes to ``input_size`` (``spec.resize`` interpolation, antialiased;
+        skipped when the size already matches) and normalises with ``mean`` / ``std``.
 
         Example:
             >>> enc.preprocess(np.zeros((256, 256, 3), np.uint8)).shape  # doctest: +SKIP
@@ -102,7 +102,7 @@ class Encoder(nn.Module):
         x = to_uint8_batch(images).float().div_(255.0)  # (N, 3, H, W)
         size = self.input_size
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(size, size), mode=self.spec.resize, antialias=True, align_corners=False)
             x = x.clamp_(0.0, 1.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)

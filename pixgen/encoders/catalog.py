@@ -78,6 +78,7 @@ BUILTIN_ENCODERS: tuple[EncoderSpec, ...] = (
             "MahmoodLab UNI2-h: ViT-H/14 with 8 register tokens and SwiGLU MLP, trained on 200M+ "
             "H&E and IHC tiles from 350k+ WSIs. The conditioning encoder of PixCell."
         ),
+        resize="bilinear",  # PixCell's tools/extract_features.py: torchvision Resize(224), bilinear
         model_kwargs={
             "img_size": 224,
             "patch_size": 14,

@@ -72,6 +72,10 @@ class EncoderSpec:
             Only registry entries set it; a spec read from a folder never does.
         revision: the Hub commit hash to download (required with ``remote_code``), or None for the
             default branch.
+        model_kwargs: extra arguments for the backbone constructor (``timm.create_model`` or
+            ``AutoModel.from_pretrained``).
+        resize: interpolation (antialiased) when images are resized to ``input_size``:
+            ``"bicubic"`` or ``"bilinear"`` (as the embeddings a model was trained on were made).
 
     Example:
         >>> spec = EncoderSpec(name="my-vit", dim=384, input_size=224, mean=IMAGENET_MEAN,
@@ -95,6 +99,7 @@ class EncoderSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
     remote_code: bool = False
     revision: str | None = None
+    resize: str = "bicubic"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", _triple(self.mean, "mean", self.name))
@@ -112,6 +117,8 @@ class EncoderSpec:
             problems.append("std values must be positive")
         if self.revision is not None and not is_pinned(self.revision):
             problems.append(f"revision must be a 40-character commit hash, got {self.revision!r}")
+        if self.resize not in ("bicubic", "bilinear"):
+            problems.append(f"resize must be 'bicubic' or 'bilinear', got {self.resize!r}")
         kwargs_problems = _kwargs_problems(self.model_kwargs)
         if problems or kwargs_problems:
             raise InputError(

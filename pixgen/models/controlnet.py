@@ -187,8 +187,9 @@ class PixgenControlNet(PixgenTransformer):
         return self.caption_projection(tokens.to(dtype))
 
 
-def mask_to_pixels(masks: Any, size: int) -> torch.Tensor:
-    """Binary cell masks -> (N, 3, size, size) float images in [-1, 1], ready for the VAE.
+def mask_to_pixels(masks: Any, size: int | tuple[int, int]) -> torch.Tensor:
+    """Binary cell masks -> (N, 3, H, W) float images in [-1, 1], ready for the VAE; ``size`` is
+    the output image's side or ``(height, width)``.
 
     Accepts one mask or a sequence of masks: arrays / tensors (H, W), (H, W, 1|3) or (N, H, W) of
     bool or integers (0 background; any non-zero value, e.g. 1, 255 or an instance id, is a cell),
@@ -202,11 +203,12 @@ def mask_to_pixels(masks: Any, size: int) -> torch.Tensor:
     arrays = [_mask_array(m) for m in _as_list(masks)]
     if not arrays:
         raise InputError("control_image is empty", fix="pass a binary mask (H, W) per image, or one for all")
+    height, width = (size, size) if isinstance(size, int) else size
     for arr in arrays:
-        if arr.shape != (size, size):
+        if arr.shape != (height, width):
             raise InputError(
-                f"control mask is {arr.shape[0]}x{arr.shape[1]}, the model makes {size}x{size} images",
-                fix=f"pass a {size}x{size} mask (crop or resize it with nearest-neighbour interpolation)",
+                f"control mask is {arr.shape[0]}x{arr.shape[1]}, the images are {height}x{width}",
+                fix=f"pass a {height}x{width} mask (crop or resize it with nearest-neighbour interpolation)",
             )
     binary = torch.from_numpy(np.stack(arrays)).float()  # (N, H, W) in {0, 1}
     return (binary * 2 - 1)[:, None].expand(-1, 3, -1, -1).contiguous()
