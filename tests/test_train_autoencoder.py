@@ -15,6 +15,7 @@ from training.autoencoder import (
     augment_d4,
     build_autoencoder,
     finalize,
+    load_checkpoint,
     load_rgb,
     reconstruction_loss,
     to_model,
@@ -82,7 +83,8 @@ def test_train_checkpoint_resume_and_finalize(shared_data: Path, tmp_path: Path)
                    eval_limit=2, lc_split=str(data / "lc_split.json"), **TINY)
     first = train_autoencoder(cfg)
     assert first["step"] == 3 and np.isfinite(first["last_loss"])
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert load_checkpoint(out)["step"] == 3 and not (out / "checkpoint.pt").exists()
+    assert {p.suffix for p in (out / "checkpoint").iterdir()} == {".safetensors", ".json"}  # no pickles
 
     cfg.max_steps, cfg.eval_every = 5, 5
     resumed = train_autoencoder(cfg, resume=True)

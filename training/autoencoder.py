@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pixgen.errors import InputError
 from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "lc25000_split",
     "load_checkpoint",
     "main",
+    "has_checkpoint",
     "save_checkpoint",
     "source_files",
     "train_autoencoder",
@@ -255,23 +257,70 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file.
+def _split(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A nested state as JSON with every tensor replaced by ``{"tensor": key}`` (stored in ``tensors``)."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value
+        return {"tensor": key}
+    if isinstance(value, dict):  # pairs: keys keep their type (optimizer states use int keys)
+        return {"dict": [[k, _split(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"tuple" if isinstance(value, tuple) else "list": [_split(v, tensors) for v in value]}
+    return {"value": value}
+
+
+def _join(node: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`_split`."""
+    (kind, payload), = node.items()
+    if kind == "tensor":
+        return tensors[payload]
+    if kind == "dict":
+        return {k: _join(v, tensors) for k, v in payload}
+    if kind in ("list", "tuple"):
+        items = [_join(v, tensors) for v in payload]
+        return tuple(items) if kind == "tuple" else items
+    return payload
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """``RUN/checkpoint/``: the state's tensors as safetensors, the rest as JSON (the engine's
+    :func:`~training.engine.save_tensors_and_state`), written atomically; nothing in it is a pickle.
 
     Example:
-        >>> save_checkpoint("runs/x/checkpoint.pt", {"step": 10, "model": model.state_dict()})  # doctest: +SKIP
+        >>> save_checkpoint("runs/x", {"step": 10, "model": model.state_dict()})  # doctest: +SKIP
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from training.engine import save_tensors_and_state
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, tensors)
+    return save_tensors_and_state(Path(run_dir) / "checkpoint", {"tensors": tensors}, {"state": skeleton})
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None when there is none."""
-    path = Path(path)
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's checkpoint, or None when there is none. ``RUN/checkpoint/`` (safetensors + JSON);
+    a pre-engine ``RUN/checkpoint.pt`` is read with ``torch.load(weights_only=True)``, which refuses
+    pickled objects (tensors, numbers, strings and containers only)."""
+    from training.engine import load_tensors_and_state
+
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint" / "state.json").is_file():
+        tensors, state = load_tensors_and_state(run_dir / "checkpoint")
+        return _join(state["state"], tensors.get("tensors", {}))
+    legacy = run_dir / "checkpoint.pt"
+    if not legacy.is_file():
+        return None
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything but tensors and plain containers
+        raise InputError(f"cannot read {legacy} safely ({type(err).__name__})",
+                         fix="start a new run (--out elsewhere)") from None
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint to resume (either format)."""
+    run_dir = Path(run_dir)
+    return (run_dir / "checkpoint" / "state.json").is_file() or (run_dir / "checkpoint.pt").is_file()
 
 
 def append_log(path: Path, row: dict[str, Any]) -> None:
@@ -561,10 +610,10 @@ class _Run:
 
 
 def train_autoencoder(cfg: AEConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or continue) a run in ``cfg.out``: ``log.csv``, ``checkpoint.pt``, ``eval.csv``.
+    """Train (or continue) a run in ``cfg.out``: ``log.csv``, ``checkpoint/``, ``eval.csv``.
 
     Returns ``{"step", "first_loss", "last_loss", "eval"}``. With ``resume`` the run continues
-    from ``checkpoint.pt`` (same config; ``max_steps`` may be raised).
+    from its checkpoint (same config; ``max_steps`` may be raised).
 
     Example:
         >>> train_autoencoder(AEConfig(data="../shared/data", out="runs/ae", max_steps=3000))  # doctest: +SKIP
@@ -573,7 +622,7 @@ def train_autoencoder(cfg: AEConfig, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     run = _Run(cfg)
     out = run.out
-    ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
+    ckpt = load_checkpoint(out) if resume else None
     if ckpt is not None:
         run.restore(ckpt)
         print(f"resumed from step {run.step}", file=sys.stderr)
@@ -589,7 +638,7 @@ def train_autoencoder(cfg: AEConfig, resume: bool = False) -> dict[str, Any]:
             append_log(out / "log.csv", {"step": run.step, "time_s": round(time.monotonic() - t0, 1),
                                          "lr": run.opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in terms.items()}})
         if time.monotonic() - last_ckpt > cfg.ckpt_every_s or run.step == cfg.max_steps:
-            save_checkpoint(out / "checkpoint.pt", run.state())
+            save_checkpoint(out, run.state())
             last_ckpt = time.monotonic()
         if cfg.eval_every and run.step % cfg.eval_every == 0:
             _log_eval(out, run.step, evaluate_autoencoder(run.ema, held_out))
@@ -605,14 +654,14 @@ def _log_eval(out: Path, step: int, results: dict[str, dict[str, float]]) -> Non
 
 
 def finalize(cfg: AEConfig, export: str | None, eval_limit: int) -> dict[str, Any]:
-    """Evaluate the EMA weights of ``cfg.out/checkpoint.pt``, set the latent scale / shift and
+    """Evaluate the EMA weights of ``cfg.out``'s checkpoint, set the latent scale / shift and
     optionally export the model (fp16 safetensors + config.json) for `load_autoencoder`.
 
     Example:
         >>> finalize(AEConfig(out="runs/ae"), export="pixgen/weights/pixgen-ae-f4c4", eval_limit=0)  # doctest: +SKIP
     """
     torch.set_num_threads(cfg.threads)
-    ckpt = load_checkpoint(Path(cfg.out) / "checkpoint.pt")
+    ckpt = load_checkpoint(cfg.out)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {cfg.out}")
     cfg = _config_from_dict({**ckpt["config"], "out": cfg.out, "data": cfg.data})

@@ -446,7 +446,7 @@ class _Run:
 
 
 def train_ssl(cfg: SSLConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or continue) a DINO run in ``cfg.out``: ``log.csv``, ``checkpoint.pt``, ``eval.csv``.
+    """Train (or continue) a DINO run in ``cfg.out``: ``log.csv``, ``checkpoint/``, ``eval.csv``.
 
     Returns ``{"step", "first_loss", "last_loss", "run"}``.
 
@@ -456,7 +456,7 @@ def train_ssl(cfg: SSLConfig, resume: bool = False) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run = _Run(cfg)
-    ckpt = load_checkpoint(run.out / "checkpoint.pt") if resume else None
+    ckpt = load_checkpoint(run.out) if resume else None
     if ckpt is not None:
         run.restore(ckpt)
         print(f"resumed from step {run.step}", file=sys.stderr)
@@ -471,7 +471,7 @@ def train_ssl(cfg: SSLConfig, resume: bool = False) -> dict[str, Any]:
             append_log(run.out / "log.csv", {"step": run.step, "time_s": round(time.monotonic() - t0, 1),
                                              "lr": run.opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in terms.items()}})
         if time.monotonic() - last_ckpt > cfg.ckpt_every_s or run.step == cfg.max_steps:
-            save_checkpoint(run.out / "checkpoint.pt", run.state())
+            save_checkpoint(run.out, run.state())
             last_ckpt = time.monotonic()
         if cfg.eval_every and run.step % cfg.eval_every == 0:
             _log_eval(run.out, run.step, evaluate_encoder(as_encoder(run.teacher.backbone, cfg), cfg.data, run.split, cfg.eval_limit))
@@ -488,14 +488,14 @@ def _log_eval(out: Path, step: int, res: dict[str, Any]) -> None:
 
 
 def finalize(cfg: SSLConfig, export: str | None, eval_limit: int) -> dict[str, Any]:
-    """Evaluate the teacher of ``cfg.out/checkpoint.pt`` against a random-init ViT of the same
+    """Evaluate the teacher of ``cfg.out``'s checkpoint against a random-init ViT of the same
     shape; write ``final_metrics.json``; optionally export the encoder (fp16) for `load_encoder`.
 
     Example:
         >>> finalize(SSLConfig(out="runs/ssl"), export="runs/ssl/export", eval_limit=0)  # doctest: +SKIP
     """
     torch.set_num_threads(cfg.threads)
-    ckpt = load_checkpoint(Path(cfg.out) / "checkpoint.pt")
+    ckpt = load_checkpoint(cfg.out)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {cfg.out}")
     cfg = _config_from_dict({**ckpt["config"], "out": cfg.out, "data": cfg.data, "threads": cfg.threads})
