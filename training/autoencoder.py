@@ -9,7 +9,8 @@ convention: ``latents = (z - shift) * scale``), so `pixgen.models.autoencoders.A
 uses them as is. Sizes and step counts come from ``docs/compute-plan.md``.
 
 The module also holds the pieces `training.ssl` shares: data sources and the LC25000 grouped
-split, atomic checkpoints, the CSV log and the learning-rate schedule.
+split, checkpoints (the engine's safetensors + JSON format) and the learning-rate schedule; both
+log through the engine's :class:`~training.engine.CsvLog`.
 
 Example:
     $ nice -n 19 python -m training.autoencoder --data /work/shared/data --out /work/runs/ae-f4c4 \\
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -44,6 +44,7 @@ from torch import nn
 
 from pixgen.errors import InputError
 from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
+from training.engine import CsvLog
 
 __all__ = [
     "AEConfig",
@@ -321,16 +322,6 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds a checkpoint to resume (either format)."""
     run_dir = Path(run_dir)
     return (run_dir / "checkpoint" / "state.json").is_file() or (run_dir / "checkpoint.pt").is_file()
-
-
-def append_log(path: Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to a CSV file, writing the header first when the file is new."""
-    new = not path.is_file()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, final: float = 0.1) -> float:
@@ -627,6 +618,9 @@ def train_autoencoder(cfg: AEConfig, resume: bool = False) -> dict[str, Any]:
         run.restore(ckpt)
         print(f"resumed from step {run.step}", file=sys.stderr)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    resumed = run.step if ckpt is not None else None
+    log = CsvLog(out / "log.csv", ["step", "time_s", "lr", "loss", "l1", "ssim", "grad", "kl"], resumed)
+    eval_log = CsvLog(out / "eval.csv", ["step"], resumed)
     held_out = eval_images(source_files(cfg.data, "test", run.split), cfg.eval_limit)
     first = last = None
     last_ckpt, t0 = time.monotonic(), time.monotonic()
@@ -635,21 +629,21 @@ def train_autoencoder(cfg: AEConfig, resume: bool = False) -> dict[str, Any]:
         first = terms["loss"] if first is None else first
         last = terms["loss"]
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-            append_log(out / "log.csv", {"step": run.step, "time_s": round(time.monotonic() - t0, 1),
+            log.append({"step": run.step, "time_s": round(time.monotonic() - t0, 1),
                                          "lr": run.opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in terms.items()}})
         if time.monotonic() - last_ckpt > cfg.ckpt_every_s or run.step == cfg.max_steps:
             save_checkpoint(out, run.state())
             last_ckpt = time.monotonic()
         if cfg.eval_every and run.step % cfg.eval_every == 0:
-            _log_eval(out, run.step, evaluate_autoencoder(run.ema, held_out))
+            _log_eval(eval_log, run.step, evaluate_autoencoder(run.ema, held_out))
     return {"step": run.step, "first_loss": first, "last_loss": last, "run": run}
 
 
-def _log_eval(out: Path, step: int, results: dict[str, dict[str, float]]) -> None:
+def _log_eval(log: CsvLog, step: int, results: dict[str, dict[str, float]]) -> None:
     row: dict[str, Any] = {"step": step}
     for name, r in sorted(results.items()):
         row.update({f"{name}_psnr": round(r["psnr"], 3), f"{name}_ssim": round(r["ssim"], 4), f"{name}_n": r["n"]})
-    append_log(out / "eval.csv", row)
+    log.append(row)
     print(json.dumps(row), file=sys.stderr)
 
 

@@ -226,7 +226,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: EngineConfig) -> torch
 
 
 class CsvLog:
-    """The one training log: append-only CSV; on resume, rows after the resumed step are dropped first.
+    """The one training log writer: append-only CSV with a ``step`` column; on resume, rows after
+    the resumed step are dropped first (so a replayed step is not logged twice).
 
     Example:
         >>> log = CsvLog(Path("runs/x/log.csv"), ["step", "loss"], resume_step=None)   # doctest: +SKIP
@@ -252,6 +253,13 @@ class CsvLog:
             writer.writerows(rows)
 
     def append(self, row: dict[str, Any]) -> None:
+        """Append one row; a key not yet in the header extends it (the file is rewritten once)."""
+        new = [k for k in row if k not in self.fields]
+        if new:
+            with self.path.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            self.fields += new
+            self._write(rows, "w")
         self._write([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}], "a")
 
 

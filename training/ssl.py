@@ -45,7 +45,6 @@ from pixgen.encoders.spec import EncoderSpec
 from training.autoencoder import (
     SOURCES,
     CropSampler,
-    append_log,
     atomic_write_text,
     augment_d4,
     lc25000_split,
@@ -57,6 +56,7 @@ from training.autoencoder import (
     warmup_cosine,
 )
 from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
+from training.engine import CsvLog
 
 __all__ = [
     "DINOHead",
@@ -461,6 +461,10 @@ def train_ssl(cfg: SSLConfig, resume: bool = False) -> dict[str, Any]:
         run.restore(ckpt)
         print(f"resumed from step {run.step}", file=sys.stderr)
     atomic_write_text(run.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    resumed = run.step if ckpt is not None else None
+    log = CsvLog(run.out / "log.csv", ["step", "time_s", "lr", "loss", "kl", "teacher_entropy", "grad_norm",
+                                       "momentum"], resumed)
+    eval_log = CsvLog(run.out / "eval.csv", ["step"], resumed)
     first = last = None
     last_ckpt, t0 = time.monotonic(), time.monotonic()
     while run.step < cfg.max_steps:
@@ -468,22 +472,22 @@ def train_ssl(cfg: SSLConfig, resume: bool = False) -> dict[str, Any]:
         first = terms["loss"] if first is None else first
         last = terms["loss"]
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-            append_log(run.out / "log.csv", {"step": run.step, "time_s": round(time.monotonic() - t0, 1),
+            log.append({"step": run.step, "time_s": round(time.monotonic() - t0, 1),
                                              "lr": run.opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in terms.items()}})
         if time.monotonic() - last_ckpt > cfg.ckpt_every_s or run.step == cfg.max_steps:
             save_checkpoint(run.out, run.state())
             last_ckpt = time.monotonic()
         if cfg.eval_every and run.step % cfg.eval_every == 0:
-            _log_eval(run.out, run.step, evaluate_encoder(as_encoder(run.teacher.backbone, cfg), cfg.data, run.split, cfg.eval_limit))
+            _log_eval(eval_log, run.step, evaluate_encoder(as_encoder(run.teacher.backbone, cfg), cfg.data, run.split, cfg.eval_limit))
     return {"step": run.step, "first_loss": first, "last_loss": last, "run": run}
 
 
-def _log_eval(out: Path, step: int, res: dict[str, Any]) -> None:
+def _log_eval(log: CsvLog, step: int, res: dict[str, Any]) -> None:
     p, r = res["lc25000_probe"], res["consep_knn"]
     row = {"step": step, "probe_acc": round(p["accuracy"], 4), "probe_bal_acc": round(p["balanced_accuracy"], 4),
            "probe_n_test": p["n_test"], "knn_l1": round(r["knn_l1"], 4), "random_l1": round(r["random_l1"], 4),
            "knn_ratio": round(r["ratio"], 4)}
-    append_log(out / "eval.csv", row)
+    log.append(row)
     print(json.dumps(row), file=sys.stderr)
 
 
