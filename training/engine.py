@@ -141,6 +141,9 @@ class Task:
     :meth:`dataset`, then :meth:`loss` for every micro-batch, :meth:`sample` every
     ``sample_every`` steps and :meth:`export` once at the end (main process).
 
+    The engine's ``step`` (the step being trained; after it, the steps done), ``start_step``, ``out``,
+    ``resume`` and ``accelerator`` are there for tasks to read.
+
     Attributes:
         cfg: the task's config, an :class:`EngineConfig` subclass (written as RUN/config.json).
         log_fields: the loss terms :meth:`loss` reports, as log.csv columns.
@@ -148,6 +151,7 @@ class Task:
 
     cfg: EngineConfig
     log_fields: tuple[str, ...] = ()
+    lr_lambda = None  # optional callable step -> LR multiplier (default: linear warm-up, then constant)
 
     def configure(self, engine: Engine) -> None:
         """Check the inputs and settle ``self.cfg`` before anything is written (optional)."""
@@ -180,6 +184,25 @@ class Task:
     def run_info(self) -> dict[str, Any]:
         """Extra RUN/run.json fields (data, sizes ...)."""
         return {}
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups (e.g. no weight decay on norms), or None for one group."""
+        return None
+
+    def before_optimizer_step(self, model: torch.nn.Module, optimizer, step: int) -> None:
+        """After clipping, before each optimizer step (e.g. drop some gradients, set weight decay)."""
+
+    def after_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        """After each optimizer step (e.g. a teacher's momentum update)."""
+
+    def run_config(self) -> dict[str, Any]:
+        """What RUN/config.json holds (default: ``cfg``); a resume must match it outside ``resumable``."""
+        return self.cfg.to_dict()
+
+    @property
+    def resumable(self) -> frozenset[str]:
+        """Config keys that may change between an interrupted run and its resumption."""
+        return type(self.cfg).RESUMABLE
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -374,7 +397,7 @@ class Engine:
     def __init__(self, task: Task, out: str | Path, resume: bool = False, cpu: bool | None = None):
         self.task, self.out, self.resume = task, Path(out), resume
         self.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-        self.epoch = 0
+        self.epoch = self.step = self.start_step = 0
         self.accelerator = None
 
     @property
@@ -416,14 +439,14 @@ class Engine:
         path = self.out / "config.json"
         if path.is_file() and self.resume:
             saved = json.loads(path.read_text())
-            now = self.cfg.to_dict()
-            resumable = type(self.cfg).RESUMABLE
+            now = self.task.run_config()
+            resumable = self.task.resumable
             changed = [k for k in now if k in saved and _plain(saved[k]) != _plain(now[k]) and k not in resumable]
             if changed:
                 raise InputError(f"cannot resume {self.out} with a different {', '.join(changed)}",
                                  fix="resume with the run's own config.json, or start a new --out")
         if acc.is_main_process:
-            write_json_atomic(path, self.cfg.to_dict())
+            write_json_atomic(path, self.task.run_config())
 
     # -- the run --------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -471,8 +494,12 @@ class Engine:
                              f"({cfg.batch_size} x {acc.num_processes} processes)", fix="lower --batch-size")
         model = task.model()
         model.train()
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+        groups = task.param_groups(model) or [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(groups, cfg)
+        if task.lr_lambda is not None:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_lambda)
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                              num_workers=cfg.num_workers, pin_memory=not self.cpu)
         model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
@@ -481,7 +508,7 @@ class Engine:
         if cfg.ema_decay:  # diffusers' EMA: warm-up schedule, store/restore for samples
             ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, power=3 / 4)
         self.model, self.optimizer, self.scheduler, self.ema, self.params = model, optimizer, scheduler, ema, params
-        step = self._restore(checkpoints[-1]) if self.resume and checkpoints else 0
+        step = self.start_step = self._restore(checkpoints[-1]) if self.resume and checkpoints else 0
         self._write_run_info(step)
         self._train(loader, step)
         return self._finish()
@@ -507,8 +534,12 @@ class Engine:
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     logs["grad_norm"] = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                if acc.sync_gradients:
+                    self.task.before_optimizer_step(model, self.optimizer, step)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    self.task.after_optimizer_step(model, step)
             for key, value in {"loss": loss.item(), **parts}.items():
                 logs[key] = logs.get(key, 0.0) + value / cfg.grad_accum
         logs["lr"] = self.scheduler.get_last_lr()[0]
@@ -529,8 +560,9 @@ class Engine:
         t_window = t_start = time.perf_counter()
         n_window = 0
         while step < cfg.max_steps:
+            self.step = step  # the step being trained (tasks may read it)
             logs = self._train_step(batches, step)
-            step += 1
+            step = self.step = step + 1
             n_window += 1
             for key, value in logs.items():
                 window[key] = window.get(key, 0.0) + value

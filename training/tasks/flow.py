@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pixgen.errors import InputError
-from training.engine import EngineConfig
+from training.engine import EngineConfig, Task
 
 __all__ = ["FlowConfig", "EmbeddingFlowTask"]
 
@@ -85,7 +85,7 @@ class _Arrays(torch.utils.data.Dataset):
         return {k: v[index] for k, v in self.arrays.items()}
 
 
-class EmbeddingFlowTask:
+class EmbeddingFlowTask(Task):
     """Train an :class:`~pixgen.models.flow.EmbeddingFlow` (see the module docstring)."""
 
     log_fields = ("mse",)
@@ -154,9 +154,6 @@ class EmbeddingFlowTask:
             return model(x_t, t, labels, cond, drop_condition=drop).sample
 
         return self.objective.loss(predict, x0, generator, source=batch.get("source"))
-
-    def sample(self, engine, model):
-        return None
 
     def export(self, engine, state: dict[str, torch.Tensor], folder: Path) -> None:
         """``EmbeddingFlow.save_pretrained`` of the EMA weights."""

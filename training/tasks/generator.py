@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pixgen.errors import InputError
+from training.engine import Task
 from training.presets import TrainConfig
 
 __all__ = [
@@ -107,7 +108,7 @@ def build_bank(cache, per_label: int, seed: int):
     return EmbeddingBank(entries, encoder=cache.encoder_name, sources=sources)
 
 
-class GeneratorTask:
+class GeneratorTask(Task):
     """Train or fine-tune a generator (see the module docstring).
 
     Args:
