@@ -264,24 +264,17 @@ def test_embedding_flow_translator_and_exact_resume(tmp_path):
     assert end_err < 0.25 * start_err, (start_err, end_err)
 
 
-def test_autoencoder_and_ssl_checkpoints_are_safe_and_legacy_ones_still_load(tmp_path):
-    from training.autoencoder import has_checkpoint, load_checkpoint, save_checkpoint
+def test_pre_engine_autoencoder_and_ssl_checkpoints_are_read_safely(tmp_path):
+    from training.autoencoder import has_checkpoint, latest_weights, load_checkpoint
 
     rng = np.random.default_rng(3)
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 0.99))
-    opt.param_groups[0]["params"][0].grad = torch.ones(2)
-    opt.step()
-    state = {"step": 7, "config": {"crop": 32, "scale": (0.1, 1.0)}, "model": {"w": torch.arange(3.0)},
-             "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
-    save_checkpoint(tmp_path / "new", state)
-    back = load_checkpoint(tmp_path / "new")
-    assert back["step"] == 7 and back["config"]["scale"] == (0.1, 1.0) and torch.equal(back["model"]["w"], torch.arange(3.0))
-    assert torch.equal(back["opt"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    assert back["numpy_rng"] == rng.bit_generator.state and has_checkpoint(tmp_path / "new")
-
+    state = {"step": 7, "config": {"crop": 32}, "ema": {"w": torch.arange(3.0)}, "teacher": {"w": torch.ones(2)},
+             "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
     (tmp_path / "old").mkdir()
     torch.save(state, tmp_path / "old" / "checkpoint.pt")  # what the pre-engine trainers wrote
-    assert load_checkpoint(tmp_path / "old")["numpy_rng"] == rng.bit_generator.state
+    assert has_checkpoint(tmp_path / "old") and load_checkpoint(tmp_path / "old")["numpy_rng"] == rng.bit_generator.state
+    step, weights, config = latest_weights(tmp_path / "old", "vae", ema=True)
+    assert step == 7 and torch.equal(weights["w"], torch.arange(3.0)) and config == {"crop": 32}
     marker = tmp_path / "MARKER"
     (tmp_path / "evil").mkdir()
     _plant(tmp_path / "evil", marker, ["checkpoint.pt"])

@@ -9,8 +9,8 @@ convention: ``latents = (z - shift) * scale``), so `pixgen.models.autoencoders.A
 uses them as is. Sizes and step counts come from ``docs/compute-plan.md``.
 
 The module also holds the pieces `training.ssl` shares: data sources and the LC25000 grouped
-split, checkpoints (the engine's safetensors + JSON format) and the learning-rate schedule; both
-log through the engine's :class:`~training.engine.CsvLog`.
+split, reading pre-engine checkpoints safely, and the learning-rate schedule. Both train on the
+engine (:class:`training.engine.Engine`): one checkpoint format, one log writer.
 
 Example:
     $ nice -n 19 python -m training.autoencoder --data /work/shared/data --out /work/runs/ae-f4c4 \\
@@ -55,7 +55,7 @@ __all__ = [
     "load_checkpoint",
     "main",
     "has_checkpoint",
-    "save_checkpoint",
+    "latest_weights",
     "source_files",
     "train_autoencoder",
 ]
@@ -256,57 +256,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _split(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """A nested state as JSON with every tensor replaced by ``{"tensor": key}`` (stored in ``tensors``)."""
-    if isinstance(value, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = value
-        return {"tensor": key}
-    if isinstance(value, dict):  # pairs: keys keep their type (optimizer states use int keys)
-        return {"dict": [[k, _split(v, tensors)] for k, v in value.items()]}
-    if isinstance(value, (list, tuple)):
-        return {"tuple" if isinstance(value, tuple) else "list": [_split(v, tensors) for v in value]}
-    return {"value": value}
-
-
-def _join(node: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`_split`."""
-    (kind, payload), = node.items()
-    if kind == "tensor":
-        return tensors[payload]
-    if kind == "dict":
-        return {k: _join(v, tensors) for k, v in payload}
-    if kind in ("list", "tuple"):
-        items = [_join(v, tensors) for v in payload]
-        return tuple(items) if kind == "tuple" else items
-    return payload
-
-
-def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
-    """``RUN/checkpoint/``: the state's tensors as safetensors, the rest as JSON (the engine's
-    :func:`~training.engine.save_tensors_and_state`), written atomically; nothing in it is a pickle.
-
-    Example:
-        >>> save_checkpoint("runs/x", {"step": 10, "model": model.state_dict()})  # doctest: +SKIP
-    """
-    from training.engine import save_tensors_and_state
-
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _split(state, tensors)
-    return save_tensors_and_state(Path(run_dir) / "checkpoint", {"tensors": tensors}, {"state": skeleton})
-
-
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's checkpoint, or None when there is none. ``RUN/checkpoint/`` (safetensors + JSON);
-    a pre-engine ``RUN/checkpoint.pt`` is read with ``torch.load(weights_only=True)``, which refuses
-    pickled objects (tensors, numbers, strings and containers only)."""
-    from training.engine import load_tensors_and_state
-
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoint" / "state.json").is_file():
-        tensors, state = load_tensors_and_state(run_dir / "checkpoint")
-        return _join(state["state"], tensors.get("tensors", {}))
-    legacy = run_dir / "checkpoint.pt"
+    """A pre-engine ``RUN/checkpoint.pt``, or None when there is none. Read with
+    ``torch.load(weights_only=True)``, which refuses pickled objects (tensors, numbers, strings
+    and containers only): a planted object is an error, never run."""
+    legacy = Path(run_dir) / "checkpoint.pt"
     if not legacy.is_file():
         return None
     try:
@@ -317,12 +271,28 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` holds a checkpoint: the engine's, ``checkpoint/`` or a pre-engine ``checkpoint.pt``."""
-    from training.engine import list_checkpoints
+    """Whether ``run_dir`` holds a checkpoint: the engine's, or a pre-engine ``checkpoint.pt``."""
+    return bool(list_checkpoints(run_dir)) or (Path(run_dir) / "checkpoint.pt").is_file()
+
+
+def latest_weights(run_dir: str | Path, module: str, ema: bool) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """(step, weights of ``module``, saved config) of a run's latest checkpoint: the engine's (EMA
+    weights when ``ema``, else the raw ones, prefix ``module.`` removed), else a pre-engine
+    ``checkpoint.pt`` (its ``module`` entry, read safely by :func:`load_checkpoint`)."""
+    from training.engine import load_tensors_and_state
 
     run_dir = Path(run_dir)
-    return bool(list_checkpoints(run_dir)) or (run_dir / "checkpoint" / "state.json").is_file() or (
-        run_dir / "checkpoint.pt").is_file()
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        tensors, state = load_tensors_and_state(checkpoints[-1])
+        weights = tensors["ema"] if ema and "ema" in tensors else tensors["model"]
+        prefix = module + "."
+        picked = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        return int(state["step"]), picked, json.loads((run_dir / "config.json").read_text())
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        raise InputError(f"no checkpoint in {run_dir}", fix="train first (same --out)")
+    return int(ckpt["step"]), ckpt[module if module != "vae" else "ema"], ckpt["config"]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, final: float = 0.1) -> float:
@@ -336,14 +306,6 @@ def warmup_cosine(step: int, total: int, warmup: int, final: float = 0.1) -> flo
         return (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def restore_rng(state: dict[str, Any]) -> np.random.Generator:
-    """Restore torch's RNG from a checkpoint and return its numpy generator."""
-    torch.set_rng_state(state["torch_rng"])
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state["numpy_rng"]
-    return rng
 
 
 # --- model and losses ------------------------------------------------------------------------------
@@ -684,7 +646,7 @@ def finalize(cfg: AEConfig, export: str | None, eval_limit: int) -> dict[str, An
         >>> finalize(AEConfig(out="runs/ae"), export="pixgen/weights/pixgen-ae-f4c4", eval_limit=0)  # doctest: +SKIP
     """
     torch.set_num_threads(cfg.threads)
-    step, ema, saved = _ema_weights(Path(cfg.out))
+    step, ema, saved = latest_weights(cfg.out, "vae", ema=True)
     cfg = _config_from_dict({**saved, "out": cfg.out, "data": cfg.data})
     model = build_autoencoder(cfg)
     model.load_state_dict(ema)
@@ -700,23 +662,6 @@ def finalize(cfg: AEConfig, export: str | None, eval_limit: int) -> dict[str, An
     if export:
         model.to(torch.float16).save_pretrained(export, safe_serialization=True)
     return report
-
-
-def _ema_weights(out: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
-    """(step, EMA autoencoder weights, saved config) of a run: its latest engine checkpoint, else a
-    pre-engine checkpoint (read safely by :func:`load_checkpoint`)."""
-    from training.engine import load_tensors_and_state
-
-    checkpoints = list_checkpoints(out)
-    if checkpoints:
-        tensors, state = load_tensors_and_state(checkpoints[-1])
-        weights = tensors.get("ema") or tensors["model"]
-        ema = {k[len("vae."):]: v for k, v in weights.items() if k.startswith("vae.")}
-        return int(state["step"]), ema, json.loads((out / "config.json").read_text())
-    ckpt = load_checkpoint(out)
-    if ckpt is None:
-        raise InputError(f"no checkpoint in {out}", fix="train first: python -m training.autoencoder --out RUN")
-    return int(ckpt["step"]), ckpt["ema"], ckpt["config"]
 
 
 # --- CLI -------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ grids from the EMA weights, and the final export. A :class:`Task` brings the res
 trainable module, ``batch -> loss``, a sample grid and the exported model folder.
 
 All randomness of a micro-batch comes from a ``torch.Generator`` seeded with
-``step_seed(seed, step, micro, rank)``, so a killed run resumed with ``resume=True`` ends with
-bit-identical weights (on CPU) to an uninterrupted one.
+``step_seed(seed, step, micro, rank)`` (and the global torch RNG is seeded with the same number
+around the task's forward pass, for dropout / drop-path), so a killed run resumed with
+``resume=True`` ends with bit-identical weights (on CPU) to an uninterrupted one.
 
 Run directory::
 
@@ -528,9 +529,12 @@ class Engine:
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             with acc.accumulate(model):
-                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, micro, acc.process_index))
-                with acc.autocast():
-                    loss, parts = self.task.loss(model, batch, gen)
+                seed = step_seed(cfg.seed, step, micro, acc.process_index)
+                gen = torch.Generator().manual_seed(seed)
+                with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+                    torch.manual_seed(seed)  # global-RNG users (dropout, drop-path) follow the step too
+                    with acc.autocast():
+                        loss, parts = self.task.loss(model, batch, gen)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     logs["grad_norm"] = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))
