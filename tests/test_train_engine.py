@@ -281,3 +281,23 @@ def test_pre_engine_autoencoder_and_ssl_checkpoints_are_read_safely(tmp_path):
     with pytest.raises(InputError, match="safely"):
         load_checkpoint(tmp_path / "evil")
     assert not marker.exists()
+
+
+def test_flow_cli_trains_a_translator_and_a_class_prior_from_a_cache(tmp_path):
+    from pixgen.models.flow import EmbeddingFlow
+    from training.features import add_field
+    from training.tasks.flow import main as flow_main
+    from training.testing import synthetic_cache
+
+    cache = synthetic_cache(tmp_path / "cache", n=32, dim=8)
+    add_field(cache, "he_embeddings", np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
+    small = ["--max-steps", "3", "--batch-size", "8", "--hidden", "16", "--num-blocks", "1", "--log-every", "1"]
+    assert flow_main(["--data", str(cache), "--out", str(tmp_path / "tr"), "--source", "he_embeddings",
+                      "--condition", "none", *small]) == 0
+    translator = EmbeddingFlow.from_pretrained(tmp_path / "tr" / "final")
+    assert (translator.config.source, translator.config.num_classes, translator.config.dim) == ("he_embeddings", 0, 8)
+    assert flow_main(["--data", str(cache), "--out", str(tmp_path / "prior"), *small]) == 0
+    prior = EmbeddingFlow.from_pretrained(tmp_path / "prior" / "final")
+    assert prior.config.class_names == ["a", "b"] and prior.config.encoder == "synthetic"
+    assert flow_main(["--data", str(cache), "--out", str(tmp_path / "prior"), "--resume", "--max-steps", "5"]) == 0
+    assert json.loads((tmp_path / "prior" / "config.json").read_text())["max_steps"] == 5

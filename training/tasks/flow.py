@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 from pixgen.errors import InputError
 from training.engine import EngineConfig, Task
 
-__all__ = ["FlowConfig", "EmbeddingFlowTask"]
+__all__ = ["FlowConfig", "EmbeddingFlowTask", "main"]
 
 
 @dataclass
@@ -164,3 +166,43 @@ class EmbeddingFlowTask(Task):
     def run_info(self) -> dict[str, Any]:
         return {"data": str(self.data) if not isinstance(self.data, dict) else "arrays",
                 "items": len(self._data), **self.info}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI: ``--data CACHE --out RUN [--resume]`` and every scalar :class:`FlowConfig` field as a flag."""
+    from training.dataclass_cli import add_dataclass_flags
+
+    p = argparse.ArgumentParser(prog="python -m training.tasks.flow",
+                                description="Train an embedding-flow model (class / text prior, stain translator) "
+                                            "on a feature cache.")
+    p.add_argument("--data", required=True, help="feature cache (pixgen features), with the fields the config names")
+    p.add_argument("--out", required=True, help="run directory (RUN/final: EmbeddingFlow.from_pretrained)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_dataclass_flags(p, FlowConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m training.tasks.flow``.
+
+    Example:
+        $ python -m training.tasks.flow --data cache/ --out runs/prior --max-steps 2000 --condition labels
+        $ python -m training.tasks.flow --data pairs/ --out runs/her2 --source he_embeddings --condition none
+    """
+    from training.dataclass_cli import saved_config
+    from training.engine import Engine
+
+    args = vars(build_parser().parse_args(argv))
+    data, out, resume = args.pop("data"), args.pop("out"), args.pop("resume")
+    known = {f.name for f in dataclasses.fields(FlowConfig)}
+    base = {k: v for k, v in saved_config(out, resume).items() if k in known}
+    base.update({k: v for k, v in args.items() if v is not None})
+    if "adam_betas" in base:
+        base["adam_betas"] = tuple(base["adam_betas"])
+    final = Engine(EmbeddingFlowTask(FlowConfig(**base), data), out, resume=resume).fit()
+    print(f"wrote {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
