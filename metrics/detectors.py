@@ -44,7 +44,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pixgen.errors import InputError, ModelLoadError
 

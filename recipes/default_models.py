@@ -40,13 +40,15 @@ def _train_stage(module: str, data: Path, out: Path, steps: int | None, split: P
     """Run ``training.autoencoder`` / ``training.ssl`` to completion (resuming), then export."""
     import importlib
 
+    from training.autoencoder import has_checkpoint
+
     export = out / "export"
     if (export / "config.json").is_file():
         return export
     main = importlib.import_module(module).main
     args = ["--data", str(data), "--out", str(out), "--threads", "1", "--lc-split", str(split)]
     args += ["--max-steps", str(steps)] if steps else []
-    main(args + (["--resume"] if (out / "checkpoint.pt").is_file() else []))
+    main(args + (["--resume"] if has_checkpoint(out) else []))
     main(["--out", str(out), "--eval-only", "--eval-limit", str(eval_limit), "--export", str(export)])
     return export
 

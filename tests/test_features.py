@@ -128,3 +128,43 @@ def test_tile_folder_source_reads_mpp_from_the_tiling(inputs, tmp_path):
     assert len(ds) == 3 and ds[0]["mpp"] == 3.5 and ds[0]["label"] == -1 and ds[0]["group"] == "slide1"
     assert ds[0]["image"].shape == (32, 32, 3)
     assert open_image_source(tiles, size=16, fit="crop")[1]["image"].shape == (16, 16, 3)
+
+
+class _WithExtras(torch.utils.data.Dataset):
+    """The tiles plus a per-tile mask (its row number in a corner) and a caption."""
+
+    def __init__(self, base):
+        self.base, self.classes, self.paths, self.labels = base, base.classes, base.paths, base.labels
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[0, 0] = i
+        return {**self.base[i], "mask": mask, "caption": f"tile {i}"}
+
+
+def test_extra_fields_declared_by_name(parts, tmp_path):
+    dataset, vae, enc, local = parts
+    cache = build_feature_cache(_WithExtras(dataset), tmp_path / "c", vae, enc, shard_size=5, batch_size=4,
+                                save_encoder=local, progress=False, fields=("mask", "caption"))
+    assert cache.fields == {"mask": {"kind": "array", "dtype": "uint8", "shape": [32, 32]}, "caption": {"kind": "text"}}
+    opened = FeatureCache(tmp_path / "c", fields=("mask", "caption"))
+    assert [int(opened[i]["mask"][0, 0]) for i in (0, 7, 17)] == [0, 7, 17]  # across shards, in order
+    assert opened[12]["caption"] == "tile 12" and "mask" not in FeatureCache(tmp_path / "c")[0]
+    # a field added to a finished cache (e.g. paired embeddings), then read like the others
+    paired = np.arange(18 * 3, dtype=np.float32).reshape(18, 3)
+    from training.features import add_field
+
+    add_field(tmp_path / "c", "he_embeddings", paired)
+    both = FeatureCache(tmp_path / "c", fields=("he_embeddings", "mask"))
+    assert torch.equal(both[11]["he_embeddings"], torch.from_numpy(paired[11])) and int(both[11]["mask"][0, 0]) == 11
+    assert np.array_equal(both.array("he_embeddings"), paired)
+    with pytest.raises(InputError, match="no field 'labels_v2'.*he_embeddings"):
+        FeatureCache(tmp_path / "c", fields=("labels_v2",))
+    with pytest.raises(InputError, match="one value per tile"):
+        add_field(tmp_path / "c", "short", paired[:3])
+    # a cache written without fields (the earlier format) opens as before, with none
+    plain = _build(parts, tmp_path / "plain")
+    assert plain.fields == {} and "fields" not in json.loads((tmp_path / "plain" / "index.json").read_text())

@@ -76,19 +76,27 @@ def test_loss_falls_on_a_repeated_real_batch(shared_data: Path):
 
 
 def test_train_checkpoint_resume_and_finalize(shared_data: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from training.engine import list_checkpoints
+
     data = make_tiny_data(tmp_path / "data", shared_data)
     out = tmp_path / "run"
-    cfg = AEConfig(data=str(data), out=str(out), max_steps=3, log_every=1, ckpt_every_s=0, eval_every=0,
-                   eval_limit=2, lc_split=str(data / "lc_split.json"), **TINY)
+    common = dict(data=str(data), log_every=1, checkpoint_every=1, eval_limit=2, lc_split=str(data / "lc_split.json"), **TINY)
+    cfg = AEConfig(out=str(out), max_steps=3, eval_every=0, **common)
     first = train_autoencoder(cfg)
     assert first["step"] == 3 and np.isfinite(first["last_loss"])
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+    ckpt = list_checkpoints(out)[-1]
+    assert ckpt.name == "checkpoint-00000003" and not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
 
     cfg.max_steps, cfg.eval_every = 5, 5
     resumed = train_autoencoder(cfg, resume=True)
     assert resumed["step"] == 5
     assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2, 3, 4, 5]
     assert {"consep_psnr", "monuseg_ssim", "lc25000_psnr"} <= set(read_log(out / "eval.csv")[0])
+    straight = train_autoencoder(AEConfig(out=str(tmp_path / "straight"), max_steps=5, eval_every=5, **common))
+    a, b = (load_file(f / "diffusion_pytorch_model.safetensors") for f in (resumed["final"], straight["final"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # 3 steps + resume == 5 steps, bit for bit
 
     report = finalize(AEConfig(data=str(data), out=str(out), threads=1), export=str(tmp_path / "ae"), eval_limit=2)
     assert report["step"] == 5 and report["scaling_factor"] > 0

@@ -66,11 +66,16 @@ def test_train_on_an_image_folder_builds_the_cache_first(tmp_path, shared_data):
     assert gen.generate(label="lung_scc", num_inference_steps=1, progress=False).images[0].size == (32, 32)
 
 
-def test_image_folder_without_vae_or_encoder_says_how(tmp_path, shared_data, capsys):
+def test_image_folder_without_vae_or_encoder_uses_the_bundled_ones(tmp_path, shared_data, capsys):
+    """No VAE / encoder named: the bundled ones cache the folder (and the user is told); the run
+    then fails (3 tiles < one batch of 8) and leaves only its reusable cache, no lone config.json."""
     paths = tiny_inputs(tmp_path, shared_data / "lc25000-lung", per_class=1)
     assert main(["train", "--preset", "tiny", "--data", str(paths["images"]), "--out", str(tmp_path / "r"),
-                 "--mpp", "3.5"]) == 1
-    assert "--init MODEL" in capsys.readouterr().err
+                 "--mpp", "3.5", "--set", "image_size=32"]) == 1
+    captured = capsys.readouterr()
+    assert "bundled components" in captured.out and "pixgen-ssl" in captured.out
+    assert "fewer than one global batch" in captured.err
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["cache"]
 
 
 def test_presets_and_overrides():

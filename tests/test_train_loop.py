@@ -109,13 +109,22 @@ def test_objectives_targets():
     assert logs["vb"] > 0 and loss.item() == pytest.approx(logs["mse"] + logs["vb"], rel=1e-5)
 
 
-def test_sample_grid_uses_fixed_conditions(cache, tmp_path):
-    trainer = Trainer(_cfg(num_samples=5), cache, tmp_path)
+def test_sample_grid_uses_fixed_conditions(cache):
+    """One condition per label, round-robin, and the grid is the same at every call (fixed seed)."""
     from training.features import FeatureCache
+    from training.tasks import GeneratorTask
 
-    cond = trainer._sample_conditions(FeatureCache(cache))
-    assert cond.shape == (5, 1, 32)
+    task = GeneratorTask(_cfg(num_samples=5, sample_steps=2), cache)
+    task.cache = FeatureCache(cache)
+    cond = task.sample_conditions()
+    labels = task.cache.array("labels")
+    rows = [int(np.flatnonzero(labels == k)[0]) for k in (0, 1, 2, 0, 1)]
+    assert all(torch.equal(cond[i], task.cache[r]["condition"]) for i, r in enumerate(rows))
+    assert not torch.equal(cond[0], cond[1]) and not torch.equal(cond[1], cond[2])
     Embeddings(cond, encoder="tiny-ssl")  # valid condition tokens
+    task._model, task.vae = task.build_model().eval(), task.cache.load_vae()
+    first, again = (np.asarray(task.sample(None, task._model)) for _ in range(2))
+    assert np.array_equal(first, again) and first.std() > 0
 
 
 @pytest.fixture(autouse=True)

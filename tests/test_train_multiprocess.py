@@ -38,7 +38,8 @@ def test_two_processes_end_with_identical_weights(tmp_path, shared_data):
     info = (run / "run.json").read_text()
     assert '"processes": 2' in info and "MULTI_CPU" in info
     ckpt = run / "checkpoints" / "checkpoint-00000006"
-    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert {p.name for p in ckpt.glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
+    assert not list(ckpt.glob("*.pkl")) and not list(ckpt.glob("*.bin"))  # nothing that would be unpickled
     gen = Generator.from_pretrained(run / "final")
     assert gen.generate(label="lung_aca", num_inference_steps=2, progress=False).images[0].size == (32, 32)
     assert "Traceback" not in proc.stderr  # clean exit: process group destroyed, no abort at exit

@@ -4,6 +4,7 @@ checkpoint + resume, evaluation, and the ``bundled`` loader round trip."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_dino_learns_on_a_repeated_real_batch(he_tile: np.ndarray):
 def test_train_resume_evaluate_export(shared_data: Path, tmp_path: Path):
     data = make_tiny_data(tmp_path / "data", shared_data)
     out = tmp_path / "run"
-    cfg = SSLConfig(data=str(data), out=str(out), max_steps=2, log_every=1, ckpt_every_s=0, eval_every=0,
+    cfg = SSLConfig(data=str(data), out=str(out), max_steps=2, log_every=1, checkpoint_every=1, eval_every=0,
                     lc_split=str(data / "lc_split.json"), **TINY)
     assert train_ssl(cfg)["step"] == 2
     cfg.max_steps = 4
@@ -96,6 +97,29 @@ def test_train_resume_evaluate_export(shared_data: Path, tmp_path: Path):
     assert resumed["step"] == 4 and np.isfinite(resumed["last_loss"])
     with (out / "log.csv").open() as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
+    from safetensors.torch import load_file
+
+    from training.engine import Engine
+    from training.ssl import SSLTask
+
+    class Killed(Exception):
+        pass
+
+    class KillAt3(Engine):
+        def on_step_end(self, step, logs):
+            if step == 3:
+                raise Killed
+
+    kwargs = {**dataclasses.asdict(cfg), "max_steps": 4}
+    with pytest.raises(Killed):
+        KillAt3(SSLTask(SSLConfig(**{**kwargs, "out": str(tmp_path / "killed")})), tmp_path / "killed").fit()
+    killed = train_ssl(SSLConfig(**{**kwargs, "out": str(tmp_path / "killed")}), resume=True)
+    straight = train_ssl(SSLConfig(**{**kwargs, "out": str(tmp_path / "straight")}))
+    files = sorted(p.name for p in killed["final"].glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in straight["final"].glob("*.safetensors"))
+    for name in files:  # killed at 3 + resumed == 4 straight: teacher, centre and schedules restored
+        a, b = load_file(killed["final"] / name), load_file(straight["final"] / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
     report = finalize(SSLConfig(data=str(data), out=str(out), threads=1), export=str(tmp_path / "enc"), eval_limit=0)
     for which in ("trained", "random_init"):

@@ -9,7 +9,8 @@ convention: ``latents = (z - shift) * scale``), so `pixgen.models.autoencoders.A
 uses them as is. Sizes and step counts come from ``docs/compute-plan.md``.
 
 The module also holds the pieces `training.ssl` shares: data sources and the LC25000 grouped
-split, atomic checkpoints, the CSV log and the learning-rate schedule.
+split, reading pre-engine checkpoints safely, and the learning-rate schedule. Both train on the
+engine (:class:`training.engine.Engine`): one checkpoint format, one log writer.
 
 Example:
     $ nice -n 19 python -m training.autoencoder --data /work/shared/data --out /work/runs/ae-f4c4 \\
@@ -22,13 +23,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import dataclasses
 import json
 import math
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,8 +39,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pixgen.io import atomic_write, load_rgb, write_text_atomic
+from pixgen.errors import InputError
+from pixgen.io import load_rgb, write_text_atomic
 from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
+from training.engine import CsvLog, Engine, EngineConfig, Task, list_checkpoints
 
 __all__ = [
     "AEConfig",
@@ -54,7 +54,8 @@ __all__ = [
     "lc25000_split",
     "load_checkpoint",
     "main",
-    "save_checkpoint",
+    "has_checkpoint",
+    "latest_weights",
     "source_files",
     "train_autoencoder",
 ]
@@ -237,30 +238,43 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 # --- run bookkeeping (shared with training.ssl) --------------------------------------------------
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file.
-
-    Example:
-        >>> save_checkpoint("runs/x/checkpoint.pt", {"step": 10, "model": model.state_dict()})  # doctest: +SKIP
-    """
-    with atomic_write(path, fsync=True) as fh:
-        torch.save(state, fh)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None when there is none."""
-    path = Path(path)
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """A pre-engine ``RUN/checkpoint.pt``, or None when there is none. Read with
+    ``torch.load(weights_only=True)``, which refuses pickled objects (tensors, numbers, strings
+    and containers only): a planted object is an error, never run."""
+    legacy = Path(run_dir) / "checkpoint.pt"
+    if not legacy.is_file():
+        return None
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything but tensors and plain containers
+        raise InputError(f"cannot read {legacy} safely ({type(err).__name__})",
+                         fix="start a new run (--out elsewhere)") from None
 
 
-def append_log(path: Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to a CSV file, writing the header first when the file is new."""
-    new = not path.is_file()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint: the engine's, or a pre-engine ``checkpoint.pt``."""
+    return bool(list_checkpoints(run_dir)) or (Path(run_dir) / "checkpoint.pt").is_file()
+
+
+def latest_weights(run_dir: str | Path, module: str, ema: bool) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """(step, weights of ``module``, saved config) of a run's latest checkpoint: the engine's (EMA
+    weights when ``ema``, else the raw ones, prefix ``module.`` removed), else a pre-engine
+    ``checkpoint.pt`` (its ``module`` entry, read safely by :func:`load_checkpoint`)."""
+    from training.engine import load_tensors_and_state
+
+    run_dir = Path(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        tensors, state = load_tensors_and_state(checkpoints[-1])
+        weights = tensors["ema"] if ema and "ema" in tensors else tensors["model"]
+        prefix = module + "."
+        picked = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        return int(state["step"]), picked, json.loads((run_dir / "config.json").read_text())
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        raise InputError(f"no checkpoint in {run_dir}", fix="train first (same --out)")
+    return int(ckpt["step"]), ckpt[module if module != "vae" else "ema"], ckpt["config"]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, final: float = 0.1) -> float:
@@ -274,14 +288,6 @@ def warmup_cosine(step: int, total: int, warmup: int, final: float = 0.1) -> flo
         return (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def restore_rng(state: dict[str, Any]) -> np.random.Generator:
-    """Restore torch's RNG from a checkpoint and return its numpy generator."""
-    torch.set_rng_state(state["torch_rng"])
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state["numpy_rng"]
-    return rng
 
 
 # --- model and losses ------------------------------------------------------------------------------
@@ -318,7 +324,7 @@ class AEConfig:
     threads: int = 1
     seed: int = 0
     log_every: int = 10
-    ckpt_every_s: float = 300.0
+    checkpoint_every: int = 250  # steps
     eval_every: int = 500
     eval_limit: int = 16  # images per source in periodic evaluations (0 = all)
     lc_split: str | None = None  # a split JSON; default <out>/lc25000_split.json, computed once
@@ -396,11 +402,13 @@ class PatchDiscriminator(nn.Sequential):
         )
 
 
-def reconstruction_loss(model: nn.Module, x: torch.Tensor, cfg: AEConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Forward pass and loss terms: returns (loss, named terms as 0-d tensors, reconstruction)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+def reconstruction_loss(model: nn.Module, x: torch.Tensor, cfg: AEConfig, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Forward pass and loss terms: returns (loss, named terms as 0-d tensors, reconstruction).
+    The posterior sample draws from ``generator`` (the global RNG when None)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         post = model.encode(x).latent_dist
-        rec = model.decode(post.sample()).sample.float()
+        rec = model.decode(post.sample(generator)).sample.float()
     l1 = (rec - x).abs().mean()
     ssim = ssim_map(rec, x).mean()
     grad = gradient_l1(rec, x)
@@ -469,141 +477,168 @@ def latent_stats(model: nn.Module, sampler: CropSampler, n: int = 256, batch_siz
 
 
 # --- training ------------------------------------------------------------------------------------
-class _Run:
-    """Everything a training run carries between steps (model, EMA, optimiser, data)."""
+class _Crops(torch.utils.data.Dataset):
+    """Random augmented training crops as a dataset: item ``i`` is drawn with its own seed
+    ``(seed, i)``, so the data is a pure function of the index (the engine shuffles the indices)."""
+
+    LENGTH = 1 << 20  # more crops per "epoch" than a run draws
+
+    def __init__(self, sampler: CropSampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+
+    def __len__(self) -> int:
+        return self.LENGTH
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return to_model(self.sampler.sample(np.random.default_rng([self.seed, index]))[None])[0]  # (3, crop, crop)
+
+
+class _AutoencoderGAN(nn.Module):
+    """The autoencoder (+ the optional patch discriminator) as one module whose forward returns the
+    loss, so that accelerate's wrappers (DDP) see every parameter used."""
 
     def __init__(self, cfg: AEConfig):
+        super().__init__()
         self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.split = lc25000_split(Path(cfg.data) / "lc25000-lung", cache=cfg.lc_split or self.out / "lc25000_split.json")
-        self.sampler = CropSampler(source_files(cfg.data, "train", self.split), cfg.crop, cfg.source_weights)
-        self.model = build_autoencoder(cfg)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        self.vae = build_autoencoder(cfg)
         self.disc = PatchDiscriminator() if cfg.gan_weight > 0 else None
-        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if self.disc else None
-        self.step, self.rng = 0, np.random.default_rng(cfg.seed)
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-            "disc": self.disc.state_dict() if self.disc else None,
-            "disc_opt": self.disc_opt.state_dict() if self.disc_opt else None,
-            "torch_rng": torch.get_rng_state(), "numpy_rng": self.rng.bit_generator.state,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
-        if self.disc and state.get("disc"):
-            self.disc.load_state_dict(state["disc"])
-            self.disc_opt.load_state_dict(state["disc_opt"])
-        self.step, self.rng = state["step"], restore_rng(state)
-
-    def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        for group in self.opt.param_groups:
-            group["lr"] = cfg.lr * warmup_cosine(self.step, cfg.max_steps, cfg.warmup)
-        x = to_model(self.sampler.batch(cfg.batch_size, self.rng))
-        self.model.train()
-        loss, tensors, rec = reconstruction_loss(self.model, x, cfg)
+    def forward(self, x: torch.Tensor, generator: torch.Generator, use_gan: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, tensors, rec = reconstruction_loss(self.vae, x, self.cfg, generator)
         terms = {k: float(v) for k, v in tensors.items()}
-        use_gan = self.disc is not None and self.step >= cfg.gan_start
         if use_gan:
-            g_loss = -self.disc(rec).mean()
-            loss = loss + cfg.gan_weight * g_loss
-            terms["g"] = float(g_loss)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        if use_gan:
-            terms["d"] = self._disc_step(x, rec.detach())
-        self._update_ema()
-        self.step += 1
-        return terms
+            # the generator term reaches the autoencoder only (the discriminator's weights are
+            # detached for it); the hinge term trains the discriminator on detached reconstructions
+            frozen = {k: v.detach() for k, v in self.disc.named_parameters()}
+            g_loss = -torch.func.functional_call(self.disc, frozen, (rec,)).mean()
+            d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean()
+            loss = loss + self.cfg.gan_weight * g_loss + d_loss
+            terms.update(g=float(g_loss), d=float(d_loss))
+        return loss, terms
 
-    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
-        d_loss = F.relu(1 - self.disc(real)).mean() + F.relu(1 + self.disc(fake)).mean()  # hinge
-        self.disc_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.disc_opt.step()
-        return float(d_loss)
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p, 1 - decay)
+class AutoencoderTask(Task):
+    """The autoencoder on the training engine: random crops, L1 + SSIM + gradient + KL (+ patch-GAN),
+    warm-up + cosine LR, EMA; ``sample_every`` = ``eval_every`` logs held-out PSNR / SSIM to eval.csv.
+
+    Example:
+        >>> Engine(AutoencoderTask(AEConfig(out="runs/ae", max_steps=10)), "runs/ae").fit()   # doctest: +SKIP
+    """
+
+    log_fields = ("l1", "ssim", "grad", "kl")
+
+    def __init__(self, cfg: AEConfig):
+        self.ae = cfg
+        self.cfg = EngineConfig(
+            lr=cfg.lr, weight_decay=cfg.weight_decay, adam_betas=(0.9, 0.99), max_grad_norm=1.0,
+            batch_size=cfg.batch_size, max_steps=cfg.max_steps, mixed_precision="no",  # bf16: the loss's own autocast
+            ema_decay=cfg.ema_decay, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=2,
+            sample_every=cfg.eval_every, log_every=cfg.log_every, tensorboard=False, warmup_steps=cfg.warmup)
+        self.lr_lambda = lambda step: warmup_cosine(step, cfg.max_steps, cfg.warmup)
+        self.first_loss = self.last_loss = None
+
+    def configure(self, engine) -> None:
+        self.split = lc25000_split(Path(self.ae.data) / "lc25000-lung",
+                                   cache=self.ae.lc_split or Path(engine.out) / "lc25000_split.json")
+
+    def setup(self, engine) -> None:
+        self.engine = engine
+        cfg = self.ae
+        self.crops = _Crops(CropSampler(source_files(cfg.data, "train", self.split), cfg.crop, cfg.source_weights), cfg.seed)
+        self.held_out = eval_images(source_files(cfg.data, "test", self.split), cfg.eval_limit) if cfg.eval_every else {}
+        self.eval_log = None  # opened at the first evaluation, when the resumed step is known
+        self._model = _AutoencoderGAN(cfg)
+
+    def model(self) -> nn.Module:
+        return self._model
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        return self.crops
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        groups = [{"params": list(model.vae.parameters())}]
+        if model.disc is not None:
+            groups.append({"params": list(model.disc.parameters()), "betas": (0.5, 0.9)})
+        return groups
+
+    def loss(self, model, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        use_gan = self.ae.gan_weight > 0 and self.engine.step >= self.ae.gan_start
+        loss, terms = model(batch, generator, use_gan)
+        self.first_loss = terms["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = terms["loss"]
+        return loss, {k: v for k, v in terms.items() if k != "loss"}
+
+    def sample(self, engine, model):
+        """Held-out PSNR / SSIM of the EMA weights -> eval.csv (no image grid)."""
+        if self.eval_log is None and engine.accelerator.is_main_process:
+            self.eval_log = CsvLog(engine.out / "eval.csv", ["step"], engine.start_step if engine.resume else None)
+        results = evaluate_autoencoder(model.vae, self.held_out)
+        model.vae.train()
+        if self.eval_log is not None:
+            _log_eval(self.eval_log, engine.step, results)
+        return None
+
+    def export(self, engine, state: dict[str, torch.Tensor], folder: Path) -> None:
+        """RUN/final: the EMA autoencoder (fp32; ``--eval-only --export`` sets its latent scale)."""
+        vae = build_autoencoder(self.ae)
+        vae.load_state_dict({k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")})
+        vae.save_pretrained(folder, safe_serialization=True)
+
+    def run_config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.ae)
+
+    @property
+    def resumable(self) -> frozenset[str]:
+        return frozenset({"max_steps", "log_every", "checkpoint_every", "eval_every", "eval_limit", "threads",
+                          "data", "lc_split"})
 
 
 def train_autoencoder(cfg: AEConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or continue) a run in ``cfg.out``: ``log.csv``, ``checkpoint.pt``, ``eval.csv``.
+    """Train (or continue) a run in ``cfg.out`` on the training engine: ``log.csv``, ``eval.csv``,
+    ``checkpoints/``, ``final/`` (EMA weights).
 
-    Returns ``{"step", "first_loss", "last_loss", "eval"}``. With ``resume`` the run continues
-    from ``checkpoint.pt`` (same config; ``max_steps`` may be raised).
+    Returns ``{"step", "first_loss", "last_loss", "final"}``. With ``resume`` the run continues
+    from its latest checkpoint (same config; ``max_steps`` may be raised).
 
     Example:
         >>> train_autoencoder(AEConfig(data="../shared/data", out="runs/ae", max_steps=3000))  # doctest: +SKIP
     """
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run = _Run(cfg)
-    out = run.out
-    ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
-    if ckpt is not None:
-        run.restore(ckpt)
-        print(f"resumed from step {run.step}", file=sys.stderr)
-    write_text_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    held_out = eval_images(source_files(cfg.data, "test", run.split), cfg.eval_limit)
-    first = last = None
-    last_ckpt, t0 = time.monotonic(), time.monotonic()
-    while run.step < cfg.max_steps:
-        terms = run.train_step()
-        first = terms["loss"] if first is None else first
-        last = terms["loss"]
-        if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-            append_log(out / "log.csv", {"step": run.step, "time_s": round(time.monotonic() - t0, 1),
-                                         "lr": run.opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in terms.items()}})
-        if time.monotonic() - last_ckpt > cfg.ckpt_every_s or run.step == cfg.max_steps:
-            save_checkpoint(out / "checkpoint.pt", run.state())
-            last_ckpt = time.monotonic()
-        if cfg.eval_every and run.step % cfg.eval_every == 0:
-            _log_eval(out, run.step, evaluate_autoencoder(run.ema, held_out))
-    return {"step": run.step, "first_loss": first, "last_loss": last, "run": run}
+    if resume and not list_checkpoints(cfg.out) and has_checkpoint(cfg.out):
+        raise InputError(f"{cfg.out} holds a checkpoint of the pre-engine trainer, which cannot be continued",
+                         fix=f"export its weights: python -m training.autoencoder --out {cfg.out} --eval-only --export DIR")
+    task = AutoencoderTask(cfg)
+    final = Engine(task, cfg.out, resume=resume).fit()
+    return {"step": cfg.max_steps, "first_loss": task.first_loss, "last_loss": task.last_loss, "final": final}
 
 
-def _log_eval(out: Path, step: int, results: dict[str, dict[str, float]]) -> None:
+def _log_eval(log: CsvLog, step: int, results: dict[str, dict[str, float]]) -> None:
     row: dict[str, Any] = {"step": step}
     for name, r in sorted(results.items()):
         row.update({f"{name}_psnr": round(r["psnr"], 3), f"{name}_ssim": round(r["ssim"], 4), f"{name}_n": r["n"]})
-    append_log(out / "eval.csv", row)
+    log.append(row)
     print(json.dumps(row), file=sys.stderr)
 
 
 def finalize(cfg: AEConfig, export: str | None, eval_limit: int) -> dict[str, Any]:
-    """Evaluate the EMA weights of ``cfg.out/checkpoint.pt``, set the latent scale / shift and
+    """Evaluate the EMA weights of ``cfg.out``'s checkpoint, set the latent scale / shift and
     optionally export the model (fp16 safetensors + config.json) for `load_autoencoder`.
 
     Example:
         >>> finalize(AEConfig(out="runs/ae"), export="pixgen/weights/pixgen-ae-f4c4", eval_limit=0)  # doctest: +SKIP
     """
     torch.set_num_threads(cfg.threads)
-    ckpt = load_checkpoint(Path(cfg.out) / "checkpoint.pt")
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {cfg.out}")
-    cfg = _config_from_dict({**ckpt["config"], "out": cfg.out, "data": cfg.data})
+    step, ema, saved = latest_weights(cfg.out, "vae", ema=True)
+    cfg = _config_from_dict({**saved, "out": cfg.out, "data": cfg.data})
     model = build_autoencoder(cfg)
-    model.load_state_dict(ckpt["ema"])
+    model.load_state_dict(ema)
     model.eval()
     split = lc25000_split(Path(cfg.data) / "lc25000-lung", cache=cfg.lc_split or Path(cfg.out) / "lc25000_split.json")
     sampler = CropSampler(source_files(cfg.data, "train", split), 256, cfg.source_weights)
     scale, shift = latent_stats(model, sampler)
     model.register_to_config(scaling_factor=scale, shift_factor=shift)
     results = evaluate_autoencoder(model, eval_images(source_files(cfg.data, "test", split), eval_limit))
-    report = {"step": ckpt["step"], "scaling_factor": scale, "shift_factor": shift, "eval": results,
+    report = {"step": step, "scaling_factor": scale, "shift_factor": shift, "eval": results,
               "split_method": split["method"], "split_leakage": split.get("leakage")}
     write_text_atomic(Path(cfg.out) / "final_metrics.json", json.dumps(report, indent=2) + "\n")
     if export:

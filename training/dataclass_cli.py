@@ -43,7 +43,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, int_lists: S
 
 def add_run_flags(parser: argparse.ArgumentParser, evaluates: str, exports: str) -> argparse.ArgumentParser:
     """``--resume``, ``--eval-only`` (what it ``evaluates``) and ``--export`` (what it ``exports``)."""
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint/ (or a pre-engine <out>/checkpoint.pt)")
     parser.add_argument("--eval-only", action="store_true", help=f"evaluate the checkpoint{evaluates}")
     parser.add_argument("--export", default=None, help=f"with --eval-only: write the fp16 {exports} here")
     return parser

@@ -10,7 +10,15 @@ encoder if they run every step; so they run once, here. Layout of a cache direct
                      /embeddings.npy  (n, D)         whole-tile embedding (one token)
                      /grid.npy        (n, G*G, D)    sub-tile embeddings (``grid`` > 1 only)
                      /labels.npy      (n,) int64     class index, -1 without classes
-                     /meta.json       source paths, group ids, mpp per tile
+                     /<field>.npy     (n, ...)       optional extra fields declared by name
+                                                     (masks, paired embeddings, text vectors ...)
+                     /meta.json       source paths, group ids, mpp per tile (+ string fields,
+                                                     e.g. captions)
+
+Extra fields are listed in ``index.json`` under ``"fields"`` (name -> ``{"kind": "array", "dtype",
+"shape"}`` or ``{"kind": "text"}``); they come from the dataset's items at build time
+(``build_feature_cache(..., fields=("mask",))``) or are added to a finished cache with
+:func:`add_field`. Caches without ``"fields"`` (older ones) have none.
 
 A shard is written under a temporary name and renamed when complete, so a killed run leaves
 only whole shards; running the same command again resumes at the first missing shard and
@@ -44,7 +52,7 @@ from pixgen.errors import InputError
 from pixgen.io import atomic_dir, atomic_write, write_json_atomic
 
 __all__ = [
-    "FeatureCache", "build_feature_cache", "open_image_source", "resolve_components",
+    "FeatureCache", "build_feature_cache", "add_field", "open_image_source", "resolve_components",
     "add_parser", "run", "INDEX_FILE", "FORMAT",
 ]
 
@@ -58,7 +66,8 @@ class FeatureCache(torch.utils.data.Dataset):
     """A feature cache as a torch Dataset (arrays memory-mapped, opened lazily per shard).
 
     Each item: ``latents`` float32 (C, h, w), ``condition`` float32 (T, D) with T = ``tokens``
-    (1: the whole-tile embedding; grid**2: the sub-tile grid), ``label`` int, ``index`` int.
+    (1: the whole-tile embedding; grid**2: the sub-tile grid), ``label`` int, ``index`` int, plus
+    each extra field named in ``fields`` (arrays as tensors, float32 when floating; text as str).
 
     Example:
         >>> cache = FeatureCache("cache/")                       # doctest: +SKIP
@@ -66,7 +75,8 @@ class FeatureCache(torch.utils.data.Dataset):
         (14223, ['lung_aca', 'lung_n', 'lung_scc'], (16, 32, 32))
     """
 
-    def __init__(self, root: str | Path, tokens: int = 1, allow_partial: bool = False):
+    def __init__(self, root: str | Path, tokens: int = 1, allow_partial: bool = False,
+                 fields: tuple[str, ...] | list[str] = ()):
         self.root = Path(root)
         path = self.root / INDEX_FILE
         if not path.is_file():
@@ -82,7 +92,12 @@ class FeatureCache(torch.utils.data.Dataset):
         if tokens not in (1, grid * grid):
             raise InputError(f"the cache has 1 or {grid * grid} condition tokens per tile, not {tokens}",
                              fix=f"rebuild it with --grid {round(tokens ** 0.5)}")
-        self.tokens = tokens
+        missing = [f for f in fields if f not in self.fields]
+        if missing:
+            raise InputError(f"the feature cache {self.root} has no field {', '.join(map(repr, missing))} "
+                             f"(it has: {', '.join(self.fields) or 'no extra fields'})",
+                             fix="add it with training.features.add_field, or build the cache with it")
+        self.tokens, self.extra = tokens, tuple(fields)
         self.shards = [s["name"] for s in self.info["shards"]]
         self._starts = np.cumsum([0] + [s["count"] for s in self.info["shards"]]).tolist()
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
@@ -105,6 +120,11 @@ class FeatureCache(torch.utils.data.Dataset):
     @property
     def grid(self) -> int:
         return int(self.info["grid"])
+
+    @property
+    def fields(self) -> dict[str, dict[str, Any]]:
+        """Extra fields stored in the cache: name -> ``{"kind": "array" | "text", ...}``."""
+        return dict(self.info.get("fields", {}))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -133,15 +153,31 @@ class FeatureCache(torch.utils.data.Dataset):
             cond = self._array(shard, "embeddings")[i][None]  # (1, D)
         else:
             cond = self._array(shard, "grid")[i]  # (G*G, D)
-        return {
+        item = {
             "latents": torch.from_numpy(np.array(self._array(shard, "latents")[i], dtype=np.float32)),
             "condition": torch.from_numpy(np.array(cond, dtype=np.float32)),
             "label": int(self._array(shard, "labels")[i]),
             "index": int(index),
         }
+        for name in self.extra:
+            item[name] = self._field(shard, name, i)
+        return item
+
+    def _field(self, shard: int, name: str, i: int) -> Any:
+        if self.fields[name]["kind"] == "text":
+            return self._meta(shard)[name][i]
+        value = np.array(self._array(shard, name)[i])
+        return torch.from_numpy(value.astype(np.float32) if value.dtype.kind == "f" else value)
+
+    def _meta(self, shard: int) -> dict[str, Any]:
+        key = (shard, "meta.json")
+        if key not in self._arrays:
+            self._arrays[key] = json.loads((self.root / self.shards[shard] / "meta.json").read_text())
+        return self._arrays[key]
 
     def array(self, name: str) -> np.ndarray:
-        """One array over the whole cache (``latents``, ``embeddings``, ``grid``, ``labels``), in memory."""
+        """One array over the whole cache (``latents``, ``embeddings``, ``grid``, ``labels`` or an
+        extra array field), in memory."""
         return np.concatenate([np.asarray(self._array(k, name)) for k in range(len(self.shards))])
 
     def conditions(self) -> np.ndarray:
@@ -150,10 +186,10 @@ class FeatureCache(torch.utils.data.Dataset):
         return values.astype(np.float32)
 
     def meta(self, key: str) -> list[Any]:
-        """Per-tile metadata over the whole cache: ``paths``, ``groups`` or ``mpp``."""
+        """Per-tile metadata over the whole cache: ``paths``, ``groups``, ``mpp`` or a text field."""
         out: list[Any] = []
-        for name in self.shards:
-            out += json.loads((self.root / name / "meta.json").read_text())[key]
+        for k in range(len(self.shards)):
+            out += self._meta(k)[key]
         return out
 
     def load_vae(self):
@@ -167,6 +203,43 @@ class FeatureCache(torch.utils.data.Dataset):
         """The encoder saved in the cache (local / bundled encoders), else None (a registry name)."""
         rel = self.info["encoder"].get("path")
         return self.root / rel if rel else None
+
+
+def add_field(root: str | Path, name: str, values: np.ndarray | Sequence[str]) -> FeatureCache:
+    """Add an extra per-tile field to a complete cache: an array (N, ...) or N strings (captions).
+
+    Each shard's part is written atomically (``.npy`` renamed into place, or ``meta.json``
+    rewritten), then the index lists the field; adding a field again replaces it.
+
+    Example:
+        >>> add_field("cache/", "mask", masks)                    # doctest: +SKIP   (N, H, W) uint8
+        >>> FeatureCache("cache/", fields=("mask",))[0]["mask"].shape   # doctest: +SKIP
+        torch.Size([32, 32])
+    """
+    cache = FeatureCache(root)
+    reserved = {"latents", "embeddings", "grid", "labels", "meta", "paths", "groups", "mpp", "condition", "label",
+                "index"}
+    if name in reserved or not name.replace("_", "").isalnum():
+        raise InputError(f"{name!r} cannot name a cache field", fix="use a plain name such as mask or he_embeddings")
+    if len(values) != len(cache):
+        raise InputError(f"{len(values)} values for {len(cache)} cached tiles", fix="give one value per tile")
+    text = not isinstance(values, np.ndarray)
+    if text and not all(isinstance(v, str) for v in values):
+        raise InputError(f"field {name!r} must be an array or a list of strings")
+    for k, shard in enumerate(cache.shards):
+        lo, hi = cache._starts[k], cache._starts[k + 1]
+        folder = cache.root / shard
+        if text:
+            meta = json.loads((folder / "meta.json").read_text())
+            meta[name] = list(values[lo:hi])
+            write_json_atomic(folder / "meta.json", meta)
+        else:
+            with atomic_write(folder / f"{name}.npy") as fh:
+                np.save(fh, np.ascontiguousarray(values[lo:hi]))
+    entry = {"kind": "text"} if text else {"kind": "array", "dtype": str(values.dtype), "shape": list(values.shape[1:])}
+    cache.info["fields"] = {**cache.fields, name: entry}
+    write_json_atomic(cache.root / INDEX_FILE, cache.info)
+    return FeatureCache(cache.root, fields=(name,))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -261,7 +334,8 @@ def resolve_components(model: Any = None, vae: str | None = None, encoder: str |
 
 
 # ----------------------------------------------------------------------------- writing
-def _plan(dataset: Any, vae: Any, encoder: Any, grid: int, dtype: str, shard_size: int) -> dict[str, Any]:
+def _plan(dataset: Any, vae: Any, encoder: Any, grid: int, dtype: str, shard_size: int,
+          fields: tuple[str, ...] = ()) -> dict[str, Any]:
     """What the cache will hold; its hash tells a resumable run from a different one."""
     paths = [str(p) for p in getattr(dataset, "paths", [])] or [str(dataset.base.rows[i]["path"])
                                                                 for i in range(len(dataset))]
@@ -275,6 +349,8 @@ def _plan(dataset: Any, vae: Any, encoder: Any, grid: int, dtype: str, shard_siz
         "vae_weights": _weights_digest(vae.model), "encoder": encoder.spec.name,
         "encoder_weights": _weights_digest(encoder),
     }
+    if fields:  # only when present, so that older caches keep their plan hash
+        plan["fields"] = list(fields)
     return {**plan, "hash": hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]}
 
 
@@ -325,6 +401,7 @@ def build_feature_cache(
     save_encoder: bool = False,
     on_shard: Callable[[int], None] | None = None,
     progress: bool = True,
+    fields: Sequence[str] = (),
 ) -> FeatureCache:
     """Encode every tile of ``dataset`` (see :func:`open_image_source`) into a cache at ``out``.
 
@@ -338,6 +415,7 @@ def build_feature_cache(
         dtype: storage dtype of latents and embeddings (``float16`` halves the size; ``float32``).
         save_encoder: keep a copy of the encoder in the cache (local / bundled encoders, see
             :func:`resolve_components`), so that models trained on it carry it.
+        fields: extra item keys to store per tile (arrays, e.g. ``mask``, or strings, e.g. ``caption``).
 
     Example:
         >>> build_feature_cache(ds, "cache/", vae, enc, grid=2, shard_size=512)   # doctest: +SKIP
@@ -350,7 +428,7 @@ def build_feature_cache(
         raise InputError("no tiles to encode")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    plan = _plan(dataset, vae, encoder, grid, dtype, shard_size)
+    plan = _plan(dataset, vae, encoder, grid, dtype, shard_size, tuple(fields))
     index = _start_index(root, plan, dataset, vae, encoder, grid, save_encoder)
     if index["complete"]:
         return FeatureCache(root, allow_partial=False)
@@ -365,7 +443,7 @@ def build_feature_cache(
         if name in done:
             continue
         lo, hi = k * shard_size, min((k + 1) * shard_size, n)
-        arrays, meta = _encode_range(dataset, range(lo, hi), vae, encoder, grid, batch_size, device, dtype)
+        arrays, meta = _encode_range(dataset, range(lo, hi), vae, encoder, grid, batch_size, device, dtype, fields)
         _write_shard(root, name, arrays, meta)
         index["shards"].append({"name": name, "count": hi - lo})
         index["shards"].sort(key=lambda s: s["name"])
@@ -373,6 +451,9 @@ def build_feature_cache(
         index["complete"] = len(index["shards"]) == num_shards
         if k == 0 or "arrays" not in index or not index["arrays"]:
             index["arrays"] = {key: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for key, v in arrays.items()}
+            if fields:
+                index["fields"] = {f: ({"kind": "array", **index["arrays"][f]} if f in arrays else {"kind": "text"})
+                                   for f in fields}
         write_json_atomic(root / INDEX_FILE, index)
         bar.update(hi - lo)
         if on_shard is not None:
@@ -382,10 +463,11 @@ def build_feature_cache(
 
 
 def _encode_range(dataset: Any, indices: range, vae: Any, encoder: Any, grid: int, batch_size: int,
-                  device: str, dtype: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                  device: str, dtype: str, fields: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays + metadata of one shard (batches start at the shard start, so resuming is exact)."""
     parts: dict[str, list[np.ndarray]] = {}
     meta: dict[str, list[Any]] = {"paths": [], "groups": [], "mpp": []}
+    extra: dict[str, list[Any]] = {f: [] for f in fields}
     labels = []
     for start in range(indices.start, indices.stop, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, indices.stop))]
@@ -395,8 +477,17 @@ def _encode_range(dataset: Any, indices: range, vae: Any, encoder: Any, grid: in
         meta["paths"] += [str(it["path"]) for it in items]
         meta["groups"] += [str(it.get("group", it["path"])) for it in items]
         meta["mpp"] += [float(it["mpp"]) for it in items]
+        for name in fields:
+            if any(name not in it for it in items):
+                raise InputError(f"the data has no {name!r} for some tiles", fix=f"give every item a {name!r}")
+            extra[name] += [it[name] for it in items]
     arrays = {key: np.concatenate(v) for key, v in parts.items()}
     arrays["labels"] = np.asarray(labels, dtype=np.int64)
+    for name, values in extra.items():
+        if all(isinstance(v, str) for v in values):
+            meta[name] = values
+        else:
+            arrays[name] = np.stack([np.asarray(v) for v in values])
     return arrays, {"count": len(labels), **meta}
 
 

@@ -1,12 +1,17 @@
 """Training objectives: rectified flow, and DDPM epsilon prediction (+ IDDPM learned variance).
 
-Both are callables ``objective(model, x0, condition, drop, generator) -> (loss, logs)`` over a
-:class:`~pixgen.models.transformer.PixgenTransformer`; all randomness comes from ``generator``,
-so a training step is a pure function of (weights, batch, seed) and resumes exactly.
+Each objective has ``loss(predict, x0, generator) -> (loss, logs)`` over any denoiser
+``predict(x_t, timestep) -> prediction`` and inputs of any rank (latents (B, C, H, W), embeddings
+(B, D) or tokens (B, T, D)); calling it as ``objective(model, x0, condition, drop, generator)``
+is the shorthand for a :class:`~pixgen.models.transformer.PixgenTransformer`. All randomness
+comes from ``generator``, so a training step is a pure function of (weights, batch, seed) and
+resumes exactly.
 
 - :class:`FlowMatching`: ``x_t = (1 - s) x0 + s eps``, target ``v = eps - x0``, timestep
   ``s * 1000``; ``s`` logit-normal (SD3: ``sigmoid(N(m, s^2))``) or uniform. Sampled by
-  diffusers' ``FlowMatchEulerDiscreteScheduler`` (pixgen's flow convention).
+  diffusers' ``FlowMatchEulerDiscreteScheduler`` (pixgen's flow convention). With a ``source``
+  batch in place of the noise it is a translator between two distributions (PixCell's stain
+  flow: ``x_t = t target + (1 - t) source`` with ``t = 1 - s``; sampling starts at the source).
 - :class:`EpsilonDiffusion`: linear betas over 1000 steps (PixArt / PixCell), ``t`` uniform,
   MSE on epsilon. With learned variance (2C output channels) the variance channels get
   IDDPM's variational-bound term (KL to the true posterior; discretised Gaussian NLL at t = 0),
@@ -27,6 +32,16 @@ import torch.nn.functional as F
 from pixgen.errors import InputError
 
 __all__ = ["FlowMatching", "EpsilonDiffusion", "make_objective", "normal_kl", "discretized_gaussian_nll"]
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcastable against ``like`` of any rank."""
+    return values.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _transformer(model, condition: torch.Tensor, drop: torch.Tensor | None):
+    """``predict(x_t, t)`` of a PixgenTransformer with fixed condition tokens and dropout rows."""
+    return lambda x_t, t: model(x_t, t, condition, drop_condition=drop).sample
 
 
 def _randn(shape: torch.Size | tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -57,11 +72,23 @@ class FlowMatching:
 
     def __call__(self, model, x0: torch.Tensor, condition: torch.Tensor, drop: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        noise = _randn(x0.shape, generator, x0)  # (B, C, H, W)
+        return self.loss(_transformer(model, condition, drop), x0, generator)
+
+    def loss(self, predict, x0: torch.Tensor, generator: torch.Generator, source: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """MSE to the velocity ``source - x0`` at ``x_t = (1 - s) x0 + s source`` (source: noise by default).
+
+        Example:
+            >>> x0 = torch.zeros(4, 8)
+            >>> loss, _ = FlowMatching().loss(lambda x, t: torch.zeros_like(x), x0, torch.Generator().manual_seed(0))
+            >>> 0.5 < float(loss) < 1.5      # the target is unit noise
+            True
+        """
+        noise = _randn(x0.shape, generator, x0) if source is None else source  # like x0
         s = self.sample_sigmas(x0.shape[0], generator).to(x0.device)  # (B,)
-        s4 = s.view(-1, 1, 1, 1)
-        x_t = (1 - s4) * x0 + s4 * noise
-        pred = model(x_t, s * 1000, condition, drop_condition=drop).sample.float()
+        sb = _per_sample(s, x0)
+        x_t = (1 - sb) * x0 + sb * noise
+        pred = predict(x_t, s * 1000).float()
         loss = F.mse_loss(pred, noise - x0)
         return loss, {"mse": loss.item()}
 
@@ -97,14 +124,18 @@ class EpsilonDiffusion:
 
     @staticmethod
     def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values[t.cpu()].float().to(like.device).view(-1, 1, 1, 1)
+        return _per_sample(values[t.cpu()].float().to(like.device), like)
 
     def __call__(self, model, x0: torch.Tensor, condition: torch.Tensor, drop: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss(_transformer(model, condition, drop), x0, generator)
+
+    def loss(self, predict, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Epsilon MSE (+ the variational-bound term with learned variance: channels on dim 1)."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator)  # (B,)
         noise = _randn(x0.shape, generator, x0)
         x_t = self._at(self.sqrt_ac, t, x0) * x0 + self._at(self.sqrt_1m_ac, t, x0) * noise
-        out = model(x_t, t.to(x0.device), condition, drop_condition=drop).sample.float()  # (B, C or 2C, H, W)
+        out = predict(x_t, t.to(x0.device)).float()  # (B, C or 2C, ...)
         channels = x0.shape[1]
         if self.learned_sigma != (out.shape[1] == 2 * channels):
             raise InputError(f"the model predicts {out.shape[1]} channels for {channels}-channel latents, "

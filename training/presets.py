@@ -16,10 +16,11 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pixgen.errors import InputError
+from training.engine import EngineConfig
 
 __all__ = ["TrainConfig", "PRESETS", "get_preset", "apply_overrides", "RESUMABLE_FIELDS", "LORA_TARGETS"]
 
@@ -28,8 +29,18 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs, besides the data and output paths.
+class TrainConfig(EngineConfig):
+    """Everything a generator or ControlNet training run needs, besides the data and output paths.
+
+    The loop's own settings (optimizer, lr, batch size, mixed precision, EMA, checkpoints, ...)
+    are :class:`training.engine.EngineConfig`'s; below are the generator task's.
+
+    Task:
+        task: ``"generator"`` (train or fine-tune the transformer) or ``"controlnet"`` (a
+            ControlNet over the frozen ``init`` model, steered by the cache field ``control_field``).
+        controlnet_layers: blocks the ControlNet copies (0: all of the base model's).
+        control_field: the feature-cache field holding control inputs: masks (H, W) at the tile
+            size (encoded once by the cache's VAE, PixCell's way) or ready latents (C, h, w).
 
     Model (new runs; ``init`` replaces all of these with the initial model's):
         model: transformer size preset (``pixgen.models.transformer.PRESETS``).
@@ -43,6 +54,8 @@ class TrainConfig:
     Features (when the data is an image folder, the cache is built into RUN/cache first):
         image_size, mpp, fit, vae, encoder, encoder_path: see ``pixgen features``. ``vae`` and
         ``encoder_path`` also complete an ``init`` model that ships without them (PixCell-256).
+        With neither ``init`` nor ``vae`` / ``encoder``, the bundled autoencoder
+        (``pixgen/weights/pixgen-default/vae``) and the bundled ``pixgen-ssl`` encoder are used.
     Objective:
         timestep_sampling: flow only: ``"logit-normal"`` (SD3) or ``"uniform"``.
         cfg_dropout: probability that a sample's condition is replaced by the null embedding.
@@ -56,6 +69,9 @@ class TrainConfig:
         sample_every: sample grid PNG every N steps (0: never); sample_steps: sampler steps.
     """
 
+    task: str = "generator"
+    controlnet_layers: int = 0
+    control_field: str = "mask"
     model: str = "pixgen-S/2"
     patch_size: int = 2
     objective: str = "flow"
@@ -75,52 +91,36 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     cfg_dropout: float = 0.1
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 100
-    max_grad_norm: float = 1.0
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 100_000
-    mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True
-    seed: int = 0
-    num_workers: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    sample_every: int = 1000
     num_samples: int = 8
     sample_steps: int = 20
-    log_every: int = 10
     bank_size: int = 1000
-    tensorboard: bool = True
+
+    RESUMABLE = EngineConfig.RESUMABLE | {"num_samples", "sample_steps", "bank_size"}
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise `InputError` naming every inconsistent field."""
-        problems = []
+        problems = self.engine_problems()
+        if self.task not in ("generator", "controlnet"):
+            problems.append(f"task must be 'generator' or 'controlnet', got {self.task!r}")
+        if self.task == "controlnet" and not self.init:
+            problems.append("task=controlnet trains over an existing model: pass --init MODEL")
+        if self.task == "controlnet" and self.lora_rank:
+            problems.append("task=controlnet trains a ControlNet, not LoRA: set lora_rank=0")
+        if self.controlnet_layers < 0:
+            problems.append(f"controlnet_layers must be >= 0, got {self.controlnet_layers}")
         if self.objective not in ("flow", "epsilon"):
             problems.append(f"objective must be 'flow' or 'epsilon', got {self.objective!r}")
         if self.learned_sigma and self.objective != "epsilon":
             problems.append("learned_sigma needs objective=epsilon")
         if self.timestep_sampling not in ("logit-normal", "uniform"):
             problems.append(f"timestep_sampling must be 'logit-normal' or 'uniform', got {self.timestep_sampling!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            problems.append(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.optimizer not in ("adamw", "came"):
-            problems.append(f"optimizer must be adamw or came, got {self.optimizer!r}")
         if not 0 <= self.cfg_dropout < 1:
             problems.append(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
-        if not 0 <= self.ema_decay < 1:
-            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints",
-                     "condition_grid", "log_every", "sample_steps", "image_size"):
+        for name in ("condition_grid", "sample_steps", "image_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lora_rank < 0:
@@ -133,9 +133,6 @@ class TrainConfig:
     @property
     def condition_tokens(self) -> int:
         return self.condition_grid**2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -177,10 +174,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 # Fields that may differ between an interrupted run and its resumption.
-RESUMABLE_FIELDS = frozenset({
-    "max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples", "sample_steps",
-    "log_every", "num_workers", "tensorboard", "bank_size",
-})
+RESUMABLE_FIELDS = TrainConfig.RESUMABLE
 
 
 def get_preset(name: str) -> TrainConfig:

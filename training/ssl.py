@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,20 +41,20 @@ from torch import nn
 
 from pixgen.encoders.bundled import PIXGEN_SSL, SSL_MODEL_ARGS, BundledEncoder, build_vit
 from pixgen.encoders.spec import EncoderSpec
-from pixgen.io import load_rgb, write_text_atomic
 from training.autoencoder import (
     SOURCES,
     CropSampler,
-    append_log,
     augment_d4,
     lc25000_split,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
+    has_checkpoint,
+    latest_weights,
     source_files,
     warmup_cosine,
 )
+from pixgen.errors import InputError
+from pixgen.io import load_rgb, write_text_atomic
 from training.dataclass_cli import add_dataclass_flags, add_run_flags, saved_config
+from training.engine import CsvLog, Engine, EngineConfig, Task, list_checkpoints
 
 __all__ = [
     "DINOHead",
@@ -169,7 +168,7 @@ class SSLConfig:
     threads: int = 1
     seed: int = 0
     log_every: int = 10
-    ckpt_every_s: float = 300.0
+    checkpoint_every: int = 250  # steps
     eval_every: int = 250
     eval_limit: int = 600  # LC25000 images per split in periodic evaluations (0 = all)
     source_weights: dict[str, float] = field(default_factory=lambda: {"lc25000": 2.0, "consep": 1.0, "monuseg": 1.0})
@@ -377,133 +376,190 @@ def evaluate_encoder(encoder: BundledEncoder, data: str | Path, split: dict[str,
 
 
 # --- training -------------------------------------------------------------------------------------
-class _Run:
-    """Student, teacher, centre, optimiser and data of one SSL run."""
+class _Views(torch.utils.data.Dataset):
+    """Multi-crop views as a dataset: item ``i`` is one region's views drawn with the seed
+    ``(seed, i)`` (a pure function of the index; the engine shuffles the indices)."""
+
+    LENGTH = 1 << 20
+
+    def __init__(self, views: ViewSampler, seed: int):
+        self.views, self.seed = views, seed
+
+    def __len__(self) -> int:
+        return self.LENGTH
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        glob, loc = self.views.views(np.random.default_rng([self.seed, index]))
+        c = self.views.cfg
+        local = normalise(np.stack(loc)) if loc else torch.zeros(0, 3, c.local_size, c.local_size)
+        return {"global": normalise(np.stack(glob)), "local": local}  # (n_global, 3, S, S), (n_local, 3, s, s)
+
+
+class _StudentTeacher(nn.Module):
+    """DINO's student, its EMA teacher (no gradients) and the teacher-output centre, as one module
+    (one checkpointed state); ``forward`` gives (student logits, teacher logits), global views first."""
 
     def __init__(self, cfg: SSLConfig):
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.split = lc25000_split(Path(cfg.data) / "lc25000-lung", cache=cfg.lc_split or self.out / "lc25000_split.json")
-        self.views = ViewSampler(source_files(cfg.data, "train", self.split), cfg)
+        super().__init__()
+        self.cfg = cfg
         self.student = DINO(cfg)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.center = torch.zeros(cfg.out_dim)
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            (no_decay if p.ndim == 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
-        self.opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        self.step, self.rng = 0, np.random.default_rng(cfg.seed)
+        self.register_buffer("center", torch.zeros(cfg.out_dim))
 
-    def state(self) -> dict[str, Any]:
-        return {"step": self.step, "config": dataclasses.asdict(self.cfg), "student": self.student.state_dict(),
-                "teacher": self.teacher.state_dict(), "center": self.center, "opt": self.opt.state_dict(),
-                "torch_rng": torch.get_rng_state(), "numpy_rng": self.rng.bit_generator.state}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.center = state["center"]
-        self.opt.load_state_dict(state["opt"])
-        self.step, self.rng = state["step"], restore_rng(state)
-
-    def _schedules(self) -> float:
-        c, t = self.cfg, min(1.0, self.step / max(1, self.cfg.max_steps))
-        self.opt.param_groups[0]["lr"] = self.opt.param_groups[1]["lr"] = c.lr * warmup_cosine(self.step, c.max_steps, c.warmup, 0.05)
-        self.opt.param_groups[0]["weight_decay"] = c.weight_decay_end + (c.weight_decay - c.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * t))
-        return 1 - (1 - c.teacher_momentum) * 0.5 * (1 + math.cos(math.pi * t))  # teacher EMA momentum
-
-    def train_step(self) -> dict[str, float]:
-        c = self.cfg
-        momentum = self._schedules()
-        glob, loc = self.views.batch(c.batch_size, self.rng)
-        g = normalise(glob)
-        batches = [g] + ([normalise(loc)] if loc is not None else [])
-        self.student.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
+    def forward(self, glob: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = lambda x: x.transpose(0, 1).reshape(-1, *x.shape[2:])  # noqa: E731  (B, V, ...) -> (V*B, ...)
+        batches = [views(glob)] + ([views(loc)] if loc.shape[1] else [])
+        with torch.autocast(glob.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             with torch.no_grad():
                 t_out = self.teacher(batches[:1]).float()
             s_out = self.student(batches).float()
-        loss = dino_loss(s_out, t_out, self.center, c.n_global + c.n_local, c.n_global, c.student_temp, c.teacher_temp)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.clip_grad))
-        if self.step < c.freeze_last_steps:
-            self.student.head.prototypes.grad = None
-        self.opt.step()
-        entropy = teacher_entropy(t_out, self.center, c.teacher_temp)  # with the centre the loss used
-        self._update_teacher(momentum, t_out)
-        self.step += 1
+        return s_out, t_out
+
+
+class SSLTask(Task):
+    """DINO on the training engine: cosine LR and weight decay, last-layer freeze, teacher momentum
+    and centre updated after each optimizer step; ``sample_every`` = ``eval_every`` logs the
+    teacher's linear probe and CoNSeP retrieval to eval.csv; RUN/final is the teacher encoder.
+
+    Example:
+        >>> Engine(SSLTask(SSLConfig(out="runs/ssl", max_steps=10)), "runs/ssl").fit()   # doctest: +SKIP
+    """
+
+    log_fields = ("kl", "teacher_entropy", "momentum")
+
+    def __init__(self, cfg: SSLConfig):
+        self.ssl = cfg
+        self.cfg = EngineConfig(
+            lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.clip_grad, batch_size=cfg.batch_size,
+            max_steps=cfg.max_steps, mixed_precision="no",  # bf16: the module's own autocast
+            ema_decay=0.0, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, keep_checkpoints=2,
+            sample_every=cfg.eval_every, log_every=cfg.log_every, tensorboard=False, warmup_steps=cfg.warmup)
+        self.lr_lambda = lambda step: warmup_cosine(step, cfg.max_steps, cfg.warmup, 0.05)
+        self.first_loss = self.last_loss = self.eval_log = None
+
+    def configure(self, engine) -> None:
+        self.split = lc25000_split(Path(self.ssl.data) / "lc25000-lung",
+                                   cache=self.ssl.lc_split or Path(engine.out) / "lc25000_split.json")
+
+    def setup(self, engine) -> None:
+        self.engine = engine
+        self.views = _Views(ViewSampler(source_files(self.ssl.data, "train", self.split), self.ssl), self.ssl.seed)
+        self._model = _StudentTeacher(self.ssl)
+
+    def model(self) -> nn.Module:
+        return self._model
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        return self.views
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, p in model.student.named_parameters():
+            (no_decay if p.ndim == 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _progress(self, step: int) -> float:
+        return min(1.0, step / max(1, self.ssl.max_steps))
+
+    def momentum(self, step: int) -> float:
+        """The teacher's EMA momentum at ``step`` (cosine from ``teacher_momentum`` to 1)."""
+        return 1 - (1 - self.ssl.teacher_momentum) * 0.5 * (1 + math.cos(math.pi * self._progress(step)))
+
+    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        c, inner = self.ssl, self.engine.accelerator.unwrap_model(model)
+        s_out, t_out = model(batch["global"], batch["local"])
+        loss = dino_loss(s_out, t_out, inner.center, c.n_global + c.n_local, c.n_global, c.student_temp, c.teacher_temp)
+        entropy = teacher_entropy(t_out, inner.center, c.teacher_temp)  # with the centre the loss used
+        self._t_out = t_out
+        value = float(loss.detach())
+        self.first_loss = value if self.first_loss is None else self.first_loss
+        self.last_loss = value
         # loss = mean teacher entropy + mean KL(teacher || student): the KL is what training lowers
-        return {"loss": float(loss.detach()), "kl": float(loss.detach()) - entropy, "teacher_entropy": entropy,
-                "grad_norm": grad_norm, "momentum": momentum}
+        return loss, {"kl": value - entropy, "teacher_entropy": entropy, "momentum": self.momentum(self.engine.step)}
+
+    def before_optimizer_step(self, model, optimizer, step: int) -> None:
+        c = self.ssl
+        cosine = 0.5 * (1 + math.cos(math.pi * self._progress(step)))
+        optimizer.param_groups[0]["weight_decay"] = c.weight_decay_end + (c.weight_decay - c.weight_decay_end) * cosine
+        if step < c.freeze_last_steps:
+            self.engine.accelerator.unwrap_model(model).student.head.prototypes.grad = None
 
     @torch.no_grad()
-    def _update_teacher(self, momentum: float, t_out: torch.Tensor) -> None:
-        for pt, ps in zip(self.teacher.parameters(), self.student.parameters()):
+    def after_optimizer_step(self, model, step: int) -> None:
+        inner, momentum = self.engine.accelerator.unwrap_model(model), self.momentum(step)
+        for pt, ps in zip(inner.teacher.parameters(), inner.student.parameters()):
             pt.lerp_(ps.detach(), 1 - momentum)
-        m = self.cfg.center_momentum
-        self.center = self.center * m + t_out.mean(0) * (1 - m)
+        m = self.ssl.center_momentum
+        inner.center.mul_(m).add_(self._t_out.mean(0) * (1 - m))
+
+    def sample(self, engine, model):
+        """The teacher's linear probe and CoNSeP retrieval -> eval.csv (no image grid)."""
+        if self.eval_log is None and engine.accelerator.is_main_process:
+            self.eval_log = CsvLog(engine.out / "eval.csv", ["step"], engine.start_step if engine.resume else None)
+        res = evaluate_encoder(as_encoder(model.teacher.backbone, self.ssl), self.ssl.data, self.split, self.ssl.eval_limit)
+        if self.eval_log is not None:
+            _log_eval(self.eval_log, engine.step, res)
+        return None
+
+    def export(self, engine, state: dict[str, torch.Tensor], folder: Path) -> None:
+        """RUN/final: the teacher backbone as the ``pixgen-ssl`` encoder (fp32)."""
+        teacher = DINO(self.ssl)
+        teacher.load_state_dict({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
+        as_encoder(teacher.backbone, self.ssl).save_pretrained(folder)
+
+    def run_config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.ssl)
+
+    @property
+    def resumable(self) -> frozenset[str]:
+        return frozenset({"max_steps", "log_every", "checkpoint_every", "eval_every", "eval_limit", "threads",
+                          "data", "lc_split"})
 
 
 def train_ssl(cfg: SSLConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or continue) a DINO run in ``cfg.out``: ``log.csv``, ``checkpoint.pt``, ``eval.csv``.
+    """Train (or continue) a DINO run in ``cfg.out`` on the training engine: ``log.csv``,
+    ``eval.csv``, ``checkpoints/``, ``final/`` (the teacher encoder).
 
-    Returns ``{"step", "first_loss", "last_loss", "run"}``.
+    Returns ``{"step", "first_loss", "last_loss", "final"}``.
 
     Example:
         >>> train_ssl(SSLConfig(data="../shared/data", out="runs/ssl", max_steps=3000))  # doctest: +SKIP
     """
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    run = _Run(cfg)
-    ckpt = load_checkpoint(run.out / "checkpoint.pt") if resume else None
-    if ckpt is not None:
-        run.restore(ckpt)
-        print(f"resumed from step {run.step}", file=sys.stderr)
-    write_text_atomic(run.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    first = last = None
-    last_ckpt, t0 = time.monotonic(), time.monotonic()
-    while run.step < cfg.max_steps:
-        terms = run.train_step()
-        first = terms["loss"] if first is None else first
-        last = terms["loss"]
-        if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-            append_log(run.out / "log.csv", {"step": run.step, "time_s": round(time.monotonic() - t0, 1),
-                                             "lr": run.opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in terms.items()}})
-        if time.monotonic() - last_ckpt > cfg.ckpt_every_s or run.step == cfg.max_steps:
-            save_checkpoint(run.out / "checkpoint.pt", run.state())
-            last_ckpt = time.monotonic()
-        if cfg.eval_every and run.step % cfg.eval_every == 0:
-            _log_eval(run.out, run.step, evaluate_encoder(as_encoder(run.teacher.backbone, cfg), cfg.data, run.split, cfg.eval_limit))
-    return {"step": run.step, "first_loss": first, "last_loss": last, "run": run}
+    if resume and not list_checkpoints(cfg.out) and has_checkpoint(cfg.out):
+        raise InputError(f"{cfg.out} holds a checkpoint of the pre-engine trainer, which cannot be continued",
+                         fix=f"export its encoder: python -m training.ssl --out {cfg.out} --eval-only --export DIR")
+    task = SSLTask(cfg)
+    final = Engine(task, cfg.out, resume=resume).fit()
+    return {"step": cfg.max_steps, "first_loss": task.first_loss, "last_loss": task.last_loss, "final": final}
 
 
-def _log_eval(out: Path, step: int, res: dict[str, Any]) -> None:
+def _log_eval(log: CsvLog, step: int, res: dict[str, Any]) -> None:
     p, r = res["lc25000_probe"], res["consep_knn"]
     row = {"step": step, "probe_acc": round(p["accuracy"], 4), "probe_bal_acc": round(p["balanced_accuracy"], 4),
            "probe_n_test": p["n_test"], "knn_l1": round(r["knn_l1"], 4), "random_l1": round(r["random_l1"], 4),
            "knn_ratio": round(r["ratio"], 4)}
-    append_log(out / "eval.csv", row)
+    log.append(row)
     print(json.dumps(row), file=sys.stderr)
 
 
 def finalize(cfg: SSLConfig, export: str | None, eval_limit: int) -> dict[str, Any]:
-    """Evaluate the teacher of ``cfg.out/checkpoint.pt`` against a random-init ViT of the same
+    """Evaluate the teacher of ``cfg.out``'s checkpoint against a random-init ViT of the same
     shape; write ``final_metrics.json``; optionally export the encoder (fp16) for `load_encoder`.
 
     Example:
         >>> finalize(SSLConfig(out="runs/ssl"), export="runs/ssl/export", eval_limit=0)  # doctest: +SKIP
     """
     torch.set_num_threads(cfg.threads)
-    ckpt = load_checkpoint(Path(cfg.out) / "checkpoint.pt")
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {cfg.out}")
-    cfg = _config_from_dict({**ckpt["config"], "out": cfg.out, "data": cfg.data, "threads": cfg.threads})
+    step, weights, saved = latest_weights(cfg.out, "teacher", ema=False)
+    cfg = _config_from_dict({**saved, "out": cfg.out, "data": cfg.data, "threads": cfg.threads})
     split = lc25000_split(Path(cfg.data) / "lc25000-lung", cache=cfg.lc_split or Path(cfg.out) / "lc25000_split.json")
     teacher = DINO(cfg)
-    teacher.load_state_dict(ckpt["teacher"])
+    teacher.load_state_dict(weights)
     encoder = as_encoder(teacher.backbone, cfg)
     torch.manual_seed(cfg.seed)
-    report = {"step": ckpt["step"], "split_method": split["method"],
+    report = {"step": step, "split_method": split["method"],
               "trained": evaluate_encoder(encoder, cfg.data, split, eval_limit),
               "random_init": evaluate_encoder(as_encoder(DINO(cfg).backbone, cfg), cfg.data, split, eval_limit)}
     write_text_atomic(Path(cfg.out) / "final_metrics.json", json.dumps(report, indent=2) + "\n")

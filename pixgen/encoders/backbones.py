@@ -268,8 +268,8 @@ def _transformers_model(spec: EncoderSpec, directory: Path, trust_remote_code: b
     if "auto_map" in read_json_file(config_file) and not trust_remote_code:
         raise ModelLoadError(
             f"{config_file} asks for custom Python code (auto_map); pixgen never runs code named by a model file",
-            fix=f"use a model transformers implements, or a registry entry pinned to a reviewed commit with "
-            f"--trust-remote-code (load_encoder(name, trust_remote_code=True)); see `pixgen encoders`",
+            fix="use a model transformers implements, or a registry entry pinned to a reviewed commit with "
+            "--trust-remote-code (load_encoder(name, trust_remote_code=True)); see `pixgen encoders`",
         )
     with weights_errors(directory / "config.json", f"transformers encoder '{spec.name}'"):
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)

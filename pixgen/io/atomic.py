@@ -87,8 +87,10 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder ``.NAME.XXXXXXXX.part`` beside ``path``; when the block ends
-    without error it replaces ``path`` (an old folder of that name is removed first), otherwise
-    it is deleted. For outputs that are folders: checkpoints, exported models, cache shards.
+    without error it replaces ``path``, otherwise it is deleted. An old folder of that name is
+    moved aside before the rename and deleted after it, so a crash at any moment leaves a complete
+    folder (the old one under ``.NAME.old`` at worst). For outputs that are folders: checkpoints,
+    exported models, cache shards.
 
     Example:
         >>> with atomic_dir("run/final") as tmp:            # doctest: +SKIP
@@ -100,9 +102,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        aside = path.with_name(f".{path.name}.old")
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
         os.replace(tmp, path)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
