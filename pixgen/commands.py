@@ -72,8 +72,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from pixgen.io import SetWriter, check_output_folder, load_image
     from pixgen.pipeline import Generator
 
+    from pixgen.sampling import check_sampling_args
+
     if args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}")
+    check_sampling_args(1 if args.steps is None else args.steps, 1.0 if args.guidance is None else args.guidance)
     _check_default_model(args.model)
     out = check_output_folder(args.out, args.overwrite)  # before any loading or compute
     dtype = getattr(torch, args.dtype)
