@@ -311,7 +311,8 @@ class Generator:
         conditions = Embeddings(torch.cat([p.conditions.values for p in parts]), encoder=cond.encoder,
                                 ids=[i for p in parts for i in p.condition_ids], domain=cond.domain)
         return GenerationOutput(images=joined, seeds=[s for p in parts for s in p.seeds],
-                                condition_ids=conditions.ids, conditions=conditions, extra=parts[0].extra)
+                                condition_ids=conditions.ids, conditions=conditions,
+                                extra={k: v for k, v in parts[0].extra.items() if k != "batch_start"})
 
     @torch.no_grad()
     def generate_batches(

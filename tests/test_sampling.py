@@ -298,6 +298,14 @@ def test_results_do_not_depend_on_batch_size(gen):
     assert np.abs(px[0] - px[1]).max() <= 1
 
 
+def test_a_torch_generator_drives_noise_and_draws(gen):
+    kw = {"label": "tumour", "num_images": 3, "num_inference_steps": 1, "output_type": "latent", "progress": False}
+    a = gen.generate(generator=torch.Generator().manual_seed(1), **kw)
+    b = gen.generate(generator=torch.Generator().manual_seed(1), **kw)
+    assert a.seeds == [None] * 3 and a.condition_ids == b.condition_ids and torch.equal(a.images, b.images)
+    assert "batch_start" not in a.extra
+
+
 def test_bank_draw_for_a_seed_does_not_depend_on_the_run():
     bank = EmbeddingBank({"a": torch.randn(5, 1, 4), "b": torch.randn(3, 1, 4)}, encoder="x")
     many = bank.draw("a", [10, 11, 12, 13])
