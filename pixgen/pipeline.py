@@ -151,29 +151,21 @@ class Generator:
             controlnet = PixgenControlNet.from_pretrained(root / "controlnet") if (root / "controlnet").is_dir() else None
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
                       controlnet=controlnet)
-        gen.set_source(root, encoder_path=encoder_path, token=token)
+        gen.locate(root, encoder_path=encoder_path, token=token)
         return gen.to(device, dtype) if device or dtype else gen
 
-    def set_source(self, root: str | Path | None, *, encoder_path: str | Path | None = None,
-                   token: str | None = None) -> Generator:
-        """Record where the model was loaded from (an encoder saved with it is found there), local
-        encoder weights that replace it (used, not saved) and the hub token; returns ``self``.
-
-        Loaders of other layouts (e.g. :func:`pixgen.pixcell.load_pixcell`) call it as
-        ``from_pretrained`` does.
+    def locate(self, root: str | Path | None, encoder_path: str | Path | None = None, token: str | None = None) -> Generator:
+        """Record where the model was loaded from and where its encoder's weights come from
+        (``encoder_path``: local weights, not saved with the model; ``token``: for gated hubs).
+        Loaders (:meth:`from_pretrained`, format adapters such as PixCell's) call it.
 
         Example:
-            >>> gen.set_source("/models/PixCell-256", encoder_path="/models/UNI2-h")  # doctest: +SKIP
+            >>> gen.locate("/models/PixCell-256", encoder_path="/models/UNI2-h")  # doctest: +SKIP
         """
-        self._root = None if root is None else Path(root)
+        self._root = Path(root) if root is not None else None
         self._encoder_override = str(encoder_path) if encoder_path else None
         self._encoder_token = token
         return self
-
-    @property
-    def source(self) -> Path | None:
-        """The folder the model was loaded from (None for a model built in memory)."""
-        return self._root
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the diffusers-style layout: ``model_index.json``, ``transformer/``, ``vae/``,
@@ -211,6 +203,11 @@ class Generator:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
+
+    @property
+    def source(self) -> Path | None:
+        """The folder the model was loaded from (None for a model built in memory)."""
+        return self._root
 
     @property
     def encoder(self):

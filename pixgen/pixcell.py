@@ -245,7 +245,7 @@ def load_pixcell(
         "origin": index.get("_class_name", "PixCellPipeline"),
     }
     gen = Generator(transformer, vae, scheduler, config=config, controlnet=controlnet)
-    return gen.set_source(root, encoder_path=encoder_path, token=token)  # local UNI2-h weights: used, not saved
+    return gen.locate(root, encoder_path=encoder_path, token=token)  # local UNI2-h weights are not saved
 
 
 def load_pixcell_transformer(directory: Path) -> PixgenTransformer:
