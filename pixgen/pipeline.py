@@ -175,16 +175,11 @@ class Generator:
         Example:
             >>> gen.locate("/models/PixCell-256", encoder_path="/models/UNI2-h")  # doctest: +SKIP
         """
-        self._root = None if root is None else Path(root)
+        self._root = Path(root) if root is not None else None
         self._encoder_override = str(encoder_path) if encoder_path else None
         self._encoder_token = token
         self._trust_remote_code = trust_remote_code
         return self
-
-    @property
-    def source(self) -> Path | None:
-        """The folder the model was loaded from (None for a model built in memory)."""
-        return self._root
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the diffusers-style layout: ``model_index.json``, ``transformer/``, ``vae/``,
@@ -222,6 +217,11 @@ class Generator:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
+
+    @property
+    def source(self) -> Path | None:
+        """The folder the model was loaded from (None for a model built in memory)."""
+        return self._root
 
     @property
     def encoder(self):

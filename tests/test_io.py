@@ -44,7 +44,7 @@ def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
     Image.fromarray(values).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
     out = load_rgb(tmp_path / "g16.png")
-    assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 3) and out.flags.writeable
     np.testing.assert_array_equal(out[..., 0], [[0, 40], [128, 255]])
     assert (out[..., 0] == out[..., 2]).all()
 

@@ -125,13 +125,13 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as a uint8 (H, W, 3) RGB array (:func:`load_image`'s rules and errors).
+    """Read an image file as a writable uint8 (H, W, 3) RGB array (:func:`load_image`'s rules and errors).
 
     Example:
         >>> load_rgb("he.png").shape  # doctest: +SKIP
         (256, 256, 3)
     """
-    return np.asarray(load_image(path), dtype=np.uint8)
+    return np.array(load_image(path), dtype=np.uint8)  # a copy: np.asarray of a PIL image is read-only
 
 
 def save_png(image: Image.Image | np.ndarray, path: str | Path, provenance: dict[str, Any] | None = None,
