@@ -23,9 +23,10 @@ from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pixgen.errors import EncoderMismatchError, InputError, ModelLoadError
+from pixgen.io import write_bytes_atomic
 
 __all__ = ["Embeddings", "EmbeddingBank", "save_embeddings", "load_embeddings"]
 
@@ -86,7 +87,7 @@ class Embeddings:
 def save_embeddings(path: str | Path, emb: Embeddings) -> None:
     """Write embeddings + encoder and domain tags + ids to one safetensors file."""
     meta = {"encoder": emb.encoder or "", "domain": emb.domain or "", "ids": json.dumps(emb.ids)}
-    save_file({"values": emb.values.contiguous()}, str(path), metadata=meta)
+    write_bytes_atomic(path, save({"values": emb.values.contiguous()}, metadata=meta))
 
 
 def load_embeddings(path: str | Path) -> Embeddings:
@@ -196,7 +197,7 @@ class EmbeddingBank:
 
     def save(self, directory: str | Path) -> None:
         meta = {"encoder": self.encoder or "", "domain": self.domain or "", "sources": json.dumps(self.sources)}
-        save_file({k: v.contiguous() for k, v in self.entries.items()}, str(Path(directory) / self.FILENAME), metadata=meta)
+        write_bytes_atomic(Path(directory) / self.FILENAME, save({k: v.contiguous() for k, v in self.entries.items()}, metadata=meta))
 
     @classmethod
     def load(cls, directory: str | Path) -> EmbeddingBank | None:

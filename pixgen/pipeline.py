@@ -39,7 +39,7 @@ from pixgen import __version__
 from pixgen.conditioning import Condition, from_keywords
 from pixgen.embeddings import DEFAULT_DOMAIN, EmbeddingBank, Embeddings
 from pixgen.errors import InputError, ModelLoadError
-from pixgen.io import load_image
+from pixgen.io import load_image, write_json_atomic
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, mask_to_pixels, per_image
 from pixgen.models.transformer import PixgenTransformer
@@ -198,7 +198,7 @@ class Generator:
         if self.embedding_bank is not None:
             self.embedding_bank.save(directory)
         index = {"_class_name": "Generator", "_pixgen_version": __version__, **config}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        write_json_atomic(directory / INDEX_FILE, index)
         return directory
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Generator:

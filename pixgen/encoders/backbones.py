@@ -55,7 +55,9 @@ class TimmEncoder(Encoder):
         return tokens[:, 0], tokens[:, self.backbone.num_prefix_tokens :]
 
     def save_backbone(self, directory: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from pixgen.io import write_bytes_atomic, write_json_atomic
 
         config = dict(self.hub_config)
         config["pretrained_cfg"] = {
@@ -65,9 +67,9 @@ class TimmEncoder(Encoder):
             "std": list(self.std),
             "num_classes": 0,
         }
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json_atomic(directory / "config.json", config)
         state = {k: v.detach().contiguous() for k, v in self.backbone.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
+        write_bytes_atomic(directory / "model.safetensors", save(state))
 
 
 def load_timm(spec: EncoderSpec, local_path: str | None, token: str | None) -> TimmEncoder:

@@ -11,7 +11,6 @@ lives here, so all encoders behave the same.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 from pixgen.encoders.images import to_uint8_batch
 from pixgen.encoders.spec import EncoderSpec
 from pixgen.errors import InputError
+from pixgen.io import write_json_atomic
 
 __all__ = ["SPEC_FILENAME", "Encoder"]
 
@@ -167,7 +167,7 @@ class Encoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.save_backbone(path)
         record = {"format_version": _FORMAT_VERSION, "spec": self.spec.to_dict()}
-        (path / SPEC_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(path / SPEC_FILENAME, record)
         return path
 
     def extra_repr(self) -> str:

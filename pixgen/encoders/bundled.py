@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,9 @@ class BundledEncoder(Encoder):
 
     def save_backbone(self, directory: Path) -> None:
         """``config.json`` (timm Hub layout) + ``model.safetensors`` (in the dtype the encoder holds)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from pixgen.io import write_bytes_atomic, write_json_atomic
 
         config = {
             "architecture": ARCHITECTURE,
@@ -108,9 +109,9 @@ class BundledEncoder(Encoder):
             "pretrained_cfg": {"input_size": [3, self.input_size, self.input_size], "mean": list(self.mean),
                                "std": list(self.std), "num_classes": 0},
         }
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json_atomic(directory / "config.json", config)
         state = {k: v.detach().contiguous() for k, v in self.backbone.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
+        write_bytes_atomic(directory / "model.safetensors", save(state))
 
 
 def load_bundled(spec: EncoderSpec, local_path: str | None, token: str | None) -> BundledEncoder:

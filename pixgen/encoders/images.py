@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pixgen.errors import InputError
+from pixgen.io import to_rgb
 
 __all__ = ["to_uint8_batch"]
 
@@ -39,7 +40,7 @@ def to_uint8_batch(images: Any) -> torch.Tensor:
 def _one(image: Any) -> torch.Tensor:
     """One input (PIL image, array or tensor) -> uint8 (N, 3, H, W)."""
     if _is_pil(image):
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)[None]
+        return torch.from_numpy(np.asarray(to_rgb(image)).copy()).permute(2, 0, 1)[None]  # 16-bit scaled, not clipped
     if isinstance(image, np.ndarray):
         _check_dtype(image.dtype, np.isnan(image).any() if image.dtype.kind == "f" else False)
         if image.ndim not in (3, 4) or image.shape[-1] != 3:
