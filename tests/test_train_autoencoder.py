@@ -112,3 +112,28 @@ def test_flips_and_rotations_keep_uint8_crops():
     out = augment_d4(img, np.random.default_rng(1))
     assert out.dtype == np.uint8 and out.shape == img.shape
     assert sorted(out.ravel().tolist()) == sorted(img.ravel().tolist())  # a permutation of the pixels
+
+
+def test_patch_gan_trains_the_discriminator_only_on_its_own_term(shared_data: Path, tmp_path: Path):
+    """With the GAN on, the discriminator moves, and the generator term does not reach it."""
+    from training.autoencoder import _AutoencoderGAN
+
+    cfg = AEConfig(gan_weight=0.5, bf16=False, **TINY)
+    model = _AutoencoderGAN(cfg)
+    x = to_model(np.stack([load_rgb(next((shared_data / "consep" / "train" / "images").glob("*.jpg")))[:32, :32]] * 2))
+    loss, terms = model(x, torch.Generator().manual_seed(0), use_gan=True)
+    assert {"g", "d"} <= set(terms)
+    loss.backward()
+    disc_grads = [p.grad.clone() for p in model.disc.parameters()]
+    model.zero_grad()
+    d_only = torch.nn.functional.relu(1 - model.disc(x)).mean()
+    rec = model.vae.decode(model.vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))).sample
+    (d_only + torch.nn.functional.relu(1 + model.disc(rec.detach())).mean()).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(disc_grads, model.disc.parameters()))
+
+    data = make_tiny_data(tmp_path / "data", shared_data)
+    run = AEConfig(data=str(data), out=str(tmp_path / "run"), max_steps=2, gan_start=1, log_every=1, eval_every=0,
+                   lc_split=str(data / "lc_split.json"), gan_weight=0.5, **TINY)
+    train_autoencoder(run)
+    rows = read_log(tmp_path / "run" / "log.csv")
+    assert rows[0]["g"] == "" and float(rows[1]["d"]) > 0  # the GAN starts at gan_start

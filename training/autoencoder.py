@@ -513,7 +513,7 @@ class _AutoencoderGAN(nn.Module):
             g_loss = -torch.func.functional_call(self.disc, frozen, (rec,)).mean()
             d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean()
             loss = loss + self.cfg.gan_weight * g_loss + d_loss
-            terms.update(g=float(g_loss), d=float(d_loss))
+            terms.update(g=float(g_loss.detach()), d=float(d_loss.detach()))
         return loss, terms
 
 

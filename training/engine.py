@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -637,21 +638,17 @@ class Engine:
         return int(state["step"])
 
     # -- samples, final -----------------------------------------------------------------------
-    def _with_ema(self):
-        """Context: the EMA weights in the model (every rank), the raw ones back afterwards."""
-        engine = self
-
-        class _Swap:
-            def __enter__(self):
-                if engine.ema is not None:
-                    engine.ema.store(engine.params)
-                    engine.ema.copy_to(engine.params)
-
-            def __exit__(self, *exc):
-                if engine.ema is not None:
-                    engine.ema.restore(engine.params)
-
-        return _Swap()
+    @contextlib.contextmanager
+    def _with_ema(self) -> Iterator[None]:
+        """The EMA weights in the model (every rank), the raw ones back afterwards."""
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.params)
 
     def _sample(self, step: int) -> None:
         """RUN/samples/step-N.png from the task (every rank runs it: sharded models need all; rank 0 writes)."""

@@ -48,9 +48,7 @@ class ControlNetTask(GeneratorTask):
     log_fields = ("mse", "vb")
 
     def __init__(self, cfg: TrainConfig, data: str | Path, trust_remote_code: bool = False):
-        super().__init__(cfg, data, trust_remote_code=trust_remote_code)
-        if not cfg.init:
-            raise InputError("the ControlNet task needs the generator it steers", fix="pass --init MODEL")
+        super().__init__(cfg, data, trust_remote_code=trust_remote_code)  # cfg.init is required (TrainConfig.validate)
         self.cache_fields = (cfg.control_field,)
         self.base = None
 
