@@ -167,3 +167,20 @@ def test_v2_training_preset_uses_the_hourglass():
 
     cfg = get_preset("default-128-v2")
     assert cfg.model == "pixgen-XS-H" and cfg.patch_size == 2 and cfg.encoder == "pixgen-ssl"
+
+
+def test_flops_closed_form_counts_the_conv_stages():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training.flops import model_flops
+
+    model = hourglass(conv_layers=2)
+    x, t, y = _inputs(batch=1)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t[:1], y)
+    conv = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
+    width, cfg = model.inner_dim, model.config
+    film = sum(2 * cfg.conv_layers * 2 * width * 2 * c for c in cfg.conv_channels)  # ResBlock timestep projections
+    parts = model_flops(cfg)
+    assert conv + film == parts["conv_stages"] + parts["patch_embed"]  # PatchEmbed is a conv too
+    assert parts["total"] > parts["conv_stages"] > 0
