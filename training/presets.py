@@ -171,7 +171,7 @@ PRESETS: dict[str, TrainConfig] = {
     "default-128-v2": TrainConfig(
         model="pixgen-XS-H", patch_size=2, image_size=128, mpp=0.5, encoder="pixgen-ssl", lr=3e-4,
         batch_size=64, warmup_steps=200, max_steps=30000, mixed_precision="bf16", ema_decay=0.999,
-        checkpoint_every=200, keep_checkpoints=3, sample_every=1000, bank_size=2000,
+        checkpoint_every=100, keep_checkpoints=3, sample_every=1000, bank_size=2000,
     ),
     # pixgen-S/2 on 256 px tiles through an f8 VAE (32x32 latents): a GPU-sized model.
     "S-256": TrainConfig(model="pixgen-S/2", image_size=256, lr=2e-4, batch_size=32, warmup_steps=1000),
