@@ -38,9 +38,8 @@ def build(preset: str, overrides: dict) -> PixgenTransformer:
 def flops(model: PixgenTransformer, batch: int) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs per sample."""
     x, t, y = torch.randn(batch, 4, 32, 32), torch.rand(batch) * 1000, torch.randn(batch, 1, 192)
-    with FlopCounterMode(display=False) as fwd:
-        with torch.no_grad():
-            model(x, t, y)
+    with FlopCounterMode(display=False) as fwd, torch.no_grad():
+        model(x, t, y)
     with FlopCounterMode(display=False) as train:
         model(x, t, y).sample.square().mean().backward()
     model.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -129,11 +130,11 @@ class ConvStages(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down_resnets = nn.ModuleList(nn.ModuleList(resnet(c, c) for _ in range(layers)) for c in channels)
         self.downsamplers = nn.ModuleList(
-            Downsample2D(c, use_conv=True, out_channels=n, name="op") for c, n in zip(channels, channels[1:]))
+            Downsample2D(c, use_conv=True, out_channels=n, name="op") for c, n in pairwise(channels))
         self.up_resnets = nn.ModuleList(
             nn.ModuleList(resnet(2 * c if j == 0 else c, c) for j in range(layers)) for c in channels)
         self.upsamplers = nn.ModuleList(
-            Upsample2D(n, use_conv=True, out_channels=c) for c, n in zip(channels, channels[1:]))
+            Upsample2D(n, use_conv=True, out_channels=c) for c, n in pairwise(channels))
         self.norm_out = nn.GroupNorm(groups, channels[0], eps=1e-6)
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
 
