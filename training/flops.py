@@ -19,7 +19,7 @@ import time
 
 import torch
 
-__all__ = ["forward_flops", "model_flops", "train_step_flops", "measure_matmul_rate", "TIMESTEP_FREQ_DIM"]
+__all__ = ["forward_flops", "conv_stage_flops", "model_flops", "train_step_flops", "measure_matmul_rate", "TIMESTEP_FREQ_DIM"]
 
 TIMESTEP_FREQ_DIM = 256  # sinusoidal timestep features before the embedder MLP (PixArt)
 MLP_RATIO = 4
@@ -48,6 +48,30 @@ def forward_flops(num_layers: int, width: int, tokens: int, cond_tokens: int, co
     return parts
 
 
+def conv_stage_flops(channels: tuple[int, ...], layers: int, side: int, in_channels: int, out_channels: int,
+                     width: int) -> float:
+    """Forward conv + FiLM-projection FLOPs of an hourglass model's ``ConvStages`` for one sample.
+
+    Stage ``i`` (side ``side / 2**i``, ``C_i`` channels): ``layers`` ResBlocks down (two 3x3
+    convs), the same up with the first one taking the concatenated skip (``2 C_i`` in, plus its
+    1x1 shortcut), a stride-2 conv into the next stage and a 3x3 conv after each upsampling;
+    ``conv_in`` / ``conv_out`` at full resolution.
+    """
+    def conv(cin: int, cout: int, area: int, k: int = 3) -> int:
+        return 2 * k * k * cin * cout * area
+
+    total = conv(in_channels, channels[0], side**2) + conv(channels[0], out_channels, side**2)
+    for i, c in enumerate(channels):
+        area = (side >> i) ** 2
+        film = 2 * width * 2 * c  # the ResBlock's timestep projection to scale and shift
+        total += layers * (2 * conv(c, c, area) + film)  # down
+        total += conv(2 * c, c, area) + conv(c, c, area) + conv(2 * c, c, area, k=1) + film  # up, first
+        total += (layers - 1) * (2 * conv(c, c, area) + film)
+        if i + 1 < len(channels):
+            total += conv(c, channels[i + 1], (side >> (i + 1)) ** 2) + conv(channels[i + 1], c, area)
+    return float(total)
+
+
 def model_flops(config, latent_size: int | None = None) -> dict[str, float]:
     """:func:`forward_flops` for a ``PixgenTransformer`` config (dict or FrozenDict).
 
@@ -56,12 +80,21 @@ def model_flops(config, latent_size: int | None = None) -> dict[str, float]:
         True
     """
     c = dict(config)
-    side = (latent_size or c["sample_size"]) // c["patch_size"]
-    return forward_flops(
-        num_layers=c["num_layers"], width=c["num_attention_heads"] * c["attention_head_dim"], tokens=side * side,
+    latent = latent_size or c["sample_size"]
+    width, out_channels = c["num_attention_heads"] * c["attention_head_dim"], c.get("out_channels") or c["in_channels"]
+    conv = tuple(c.get("conv_channels") or ())
+    token_map = latent // 2 ** (len(conv) - 1) if conv else latent  # hourglass: tokens of the coarsest conv stage
+    side = token_map // c["patch_size"]
+    parts = forward_flops(
+        num_layers=c["num_layers"], width=width, tokens=side * side,
         cond_tokens=c["caption_num_tokens"], cond_dim=c["caption_channels"], patch_size=c["patch_size"],
-        in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+        in_channels=conv[-1] if conv else c["in_channels"], out_channels=conv[-1] if conv else out_channels,
     )
+    if conv:
+        parts["conv_stages"] = conv_stage_flops(conv, c.get("conv_layers", 1), latent, c["in_channels"], out_channels,
+                                                width)
+        parts["total"] += parts["conv_stages"]
+    return parts
 
 
 def train_step_flops(forward_per_sample: float, batch_size: int, gradient_checkpointing: bool = False) -> float:

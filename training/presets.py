@@ -162,6 +162,14 @@ PRESETS: dict[str, TrainConfig] = {
         batch_size=64, warmup_steps=200, max_steps=4000, mixed_precision="bf16", ema_decay=0.999,
         checkpoint_every=250, sample_every=500, bank_size=2000,
     ),
+    # Generator v2 (docs/generator-v2.md): the same data, encoder and schedule as default-128 on the
+    # hourglass pixgen-XS-H (conv stages at 32x32 and 16x16 latents, 6 blocks on 8x8 tokens):
+    # ~the same CPU time per sample as pixgen-XS at patch 4, for a long, resumable CPU run.
+    "default-128-v2": TrainConfig(
+        model="pixgen-XS-H", patch_size=2, image_size=128, mpp=0.5, encoder="pixgen-ssl", lr=3e-4,
+        batch_size=64, warmup_steps=200, max_steps=30000, mixed_precision="bf16", ema_decay=0.999,
+        checkpoint_every=100, keep_checkpoints=3, sample_every=1000, bank_size=2000,
+    ),
     # pixgen-S/2 on 256 px tiles through an f8 VAE (32x32 latents): a GPU-sized model.
     "S-256": TrainConfig(model="pixgen-S/2", image_size=256, lr=2e-4, batch_size=32, warmup_steps=1000),
     "B-256": TrainConfig(model="pixgen-B/2", image_size=256, lr=1e-4, batch_size=32, warmup_steps=1000),

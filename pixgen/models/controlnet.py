@@ -121,7 +121,11 @@ class PixgenControlNet(PixgenTransformer):
         Example:
             >>> cn = PixgenControlNet.from_transformer(gen.transformer, num_layers=27)  # doctest: +SKIP
         """
-        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+        if transformer.conv_stages is not None:
+            raise InputError("a ControlNet over an hourglass transformer (conv_channels) is not supported yet",
+                             fix="use a plain PixgenTransformer (no conv_channels) as the base")
+        # The hourglass fields are the base class's, not the ControlNet's (it has no conv stages).
+        config = {k: v for k, v in transformer.config.items() if not k.startswith(("_", "conv_"))}
         depth = config["num_layers"] if num_layers is None else num_layers
         if not 1 <= depth <= config["num_layers"]:
             raise InputError(f"num_layers must be in 1..{config['num_layers']}, got {depth}")

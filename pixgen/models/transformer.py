@@ -3,6 +3,12 @@
 Reads top to bottom: patchify -> adaLN-single timestep modulation -> N x (self-attention,
 cross-attention to condition tokens, MLP) -> modulated final norm -> unpatchify.
 
+With ``conv_channels`` the model is an hourglass (U-ViT / HDiT-like hybrid): timestep-modulated
+convolutional ResBlocks at the finest latent scales, with U-Net skip connections, around the
+same transformer blocks, which then run on the coarsest conv stage's tokens. Convolutions learn
+local texture (nuclear outlines, chromatin) per FLOP much faster than attention on coarse
+tokens, and the skips carry the finest scale past the token bottleneck (docs/generator-v2.md).
+
 Module names follow diffusers' PixArt / PixCell layout (``pos_embed``, ``adaln_single``,
 ``caption_projection``, ``transformer_blocks.i.attn1``, ...), so published PixCell weights load
 without renaming. The blocks are diffusers' own (``BasicTransformerBlock`` with SDPA, or
@@ -21,6 +27,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -28,16 +35,21 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.utils import BaseOutput
 from torch import nn
 
 from pixgen.errors import EncoderMismatchError, InputError
 
-__all__ = ["PixgenTransformer", "TransformerOutput", "PRESETS"]
+__all__ = ["PixgenTransformer", "TransformerOutput", "PRESETS", "ConvStages"]
 
 # Size presets: one registry. XL/2 is PixCell's (and PixArt-Sigma's) size, ~0.6 B parameters.
-PRESETS: dict[str, dict[str, int]] = {
+PRESETS: dict[str, dict[str, object]] = {
     "pixgen-tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16),
+    # Hourglass sizes: conv stages at the latent's full and half resolution around the blocks.
+    "pixgen-tiny-H": dict(num_layers=1, num_attention_heads=2, attention_head_dim=16, conv_channels=(16, 32), conv_groups=8),
+    "pixgen-XS-H": dict(num_layers=6, num_attention_heads=4, attention_head_dim=64, conv_channels=(64, 128)),
+    "pixgen-XS-H96": dict(num_layers=6, num_attention_heads=4, attention_head_dim=64, conv_channels=(96, 192)),
     "pixgen-XS": dict(num_layers=8, num_attention_heads=4, attention_head_dim=64),  # the bundled default (CPU-trained)
     "pixgen-S/2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
     "pixgen-B/2": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
@@ -97,6 +109,57 @@ class ConditionProjection(nn.Module):
         return self.linear_2(self.act_1(self.linear_1(tokens)))
 
 
+class ConvStages(nn.Module):
+    """The convolutional half of the hourglass: down stages before the transformer, up stages after.
+
+    Stage ``i`` runs at ``1 / 2**i`` of the latent side with ``channels[i]`` channels:
+    ``layers`` diffusers ``ResnetBlock2D`` (FiLM-modulated by ``temb``: timestep + pooled
+    condition) on the way down, a skip to the same stage on the way up (concatenated, then
+    ``layers`` ResBlocks), stride-2 convolutions / nearest-upsample + conv between stages.
+    ``down`` returns the coarsest feature map (the transformer patchifies it) and the skips.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, channels: tuple[int, ...], layers: int,
+                 temb_channels: int, groups: int = 32):
+        super().__init__()
+
+        def resnet(cin: int, cout: int) -> ResnetBlock2D:
+            return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb_channels, groups=groups,
+                                 time_embedding_norm="scale_shift")
+
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.down_resnets = nn.ModuleList(nn.ModuleList(resnet(c, c) for _ in range(layers)) for c in channels)
+        self.downsamplers = nn.ModuleList(
+            Downsample2D(c, use_conv=True, out_channels=n, name="op") for c, n in pairwise(channels))
+        self.up_resnets = nn.ModuleList(
+            nn.ModuleList(resnet(2 * c if j == 0 else c, c) for j in range(layers)) for c in channels)
+        self.upsamplers = nn.ModuleList(
+            Upsample2D(n, use_conv=True, out_channels=c) for c, n in pairwise(channels))
+        self.norm_out = nn.GroupNorm(groups, channels[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+
+    def down(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, C_in, H, W) -> coarsest map (B, channels[-1], H / 2**(S-1), ...), skips (finest first)."""
+        h, skips = self.conv_in(x), []
+        for i, resnets in enumerate(self.down_resnets):
+            for block in resnets:
+                h = block(h, temb)
+            skips.append(h)
+            if i < len(self.downsamplers):
+                h = self.downsamplers[i](h)
+        return h, skips
+
+    def up(self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
+        """Coarsest map back to (B, C_out, H, W), through the skips."""
+        for i in reversed(range(len(self.up_resnets))):
+            h = torch.cat([h, skips[i]], dim=1)
+            for block in self.up_resnets[i]:
+                h = block(h, temb)
+            if i > 0:
+                h = self.upsamplers[i - 1](h)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))
+
+
 class PixgenTransformer(ModelMixin, ConfigMixin):
     """PixArt-style DiT over VAE latents, cross-attending to SSL-embedding condition tokens.
 
@@ -113,6 +176,17 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         prediction_type: ``"flow"`` (velocity ``noise - x0``) or ``"epsilon"``.
         encoder_name: registry name of the encoder that made the training embeddings; inputs
             tagged with another encoder are refused.
+        conv_channels: hourglass mode (``None``: plain DiT): channels of the convolutional stages
+            at the latent's full, half, ... resolution (:class:`ConvStages`); the transformer then
+            patchifies the coarsest stage with ``patch_size`` (e.g. 32x32 latents, (64, 128),
+            patch 2: 8 x 8 tokens).
+        conv_layers: ResBlocks per conv stage on each side of the transformer.
+        conv_groups: GroupNorm groups of the conv stages.
+
+    Example (hourglass):
+        >>> m = PixgenTransformer.from_preset("pixgen-tiny-H", caption_channels=32, sample_size=8, patch_size=2)
+        >>> m(torch.randn(1, 4, 8, 8), torch.tensor([5.0]), torch.randn(1, 1, 32)).sample.shape
+        torch.Size([1, 4, 8, 8])
     """
 
     _supports_gradient_checkpointing = True
@@ -139,6 +213,9 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         condition_pos_embed: bool | None = None,
         prediction_type: str = "flow",
         encoder_name: str | None = None,
+        conv_channels: tuple[int, ...] | None = None,
+        conv_layers: int = 1,
+        conv_groups: int = 32,
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -150,11 +227,22 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         self.out_channels = out_channels
         self.gradient_checkpointing = False
 
+        self.conv_stages = None
+        token_map, token_channels = sample_size, in_channels  # what the transformer patchifies
+        if conv_channels:
+            conv_channels = tuple(conv_channels)
+            scale = 2 ** (len(conv_channels) - 1)
+            if sample_size % (scale * patch_size) or any(c % conv_groups for c in conv_channels):
+                raise InputError(
+                    f"hourglass: sample_size {sample_size} must be a multiple of {scale * patch_size} and every "
+                    f"conv channel count {conv_channels} a multiple of conv_groups {conv_groups}")
+            self.conv_stages = ConvStages(in_channels, out_channels, conv_channels, conv_layers, inner, conv_groups)
+            token_map, token_channels = sample_size // scale, conv_channels[-1]
         self.pos_embed = PatchEmbed(
-            height=sample_size,
-            width=sample_size,
+            height=token_map,
+            width=token_map,
             patch_size=patch_size,
-            in_channels=in_channels,
+            in_channels=token_channels,
             embed_dim=inner,
             interpolation_scale=interpolation_scale or max(sample_size // 64, 1),
         )
@@ -162,7 +250,7 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         if condition_pos_embed is None:
             condition_pos_embed = caption_num_tokens > 1
         self.y_pos_embed = (
-            ConditionPosEmbed(caption_channels, caption_num_tokens, sample_size // patch_size)
+            ConditionPosEmbed(caption_channels, caption_num_tokens, token_map // patch_size)
             if condition_pos_embed
             else None
         )
@@ -185,7 +273,8 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         )
         self.norm_out = nn.LayerNorm(inner, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, inner) / inner**0.5)
-        self.proj_out = nn.Linear(inner, patch_size * patch_size * out_channels)
+        self.token_out_channels = token_channels if conv_channels else out_channels
+        self.proj_out = nn.Linear(inner, patch_size * patch_size * self.token_out_channels)
         self._init_weights()
 
     @classmethod
@@ -211,8 +300,12 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         for block in self.transformer_blocks:
             nn.init.zeros_(block.attn2.to_out[0].weight)
             nn.init.zeros_(block.attn2.to_out[0].bias)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        if self.conv_stages is None:
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
+        else:  # the output conv is the last layer here: it starts at zero, the token path stays live
+            nn.init.zeros_(self.conv_stages.conv_out.weight)
+            nn.init.zeros_(self.conv_stages.conv_out.bias)
 
     @property
     def learned_sigma(self) -> bool:
@@ -263,18 +356,22 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
             controlnet_block_samples: residuals (B, N, D) added after each block, in order.
         """
         self.check_condition(encoder_hidden_states)
-        batch, _, height, width = hidden_states.shape
+        batch = hidden_states.shape[0]
         p = self.config.patch_size
         if drop_condition is not None:
             null = self.null_condition(batch, encoder_hidden_states.shape[1]).to(encoder_hidden_states.dtype)
             encoder_hidden_states = torch.where(drop_condition[:, None, None], null, encoder_hidden_states)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
-
-        x = self.pos_embed(hidden_states)  # (B, N, D)
-        t_mod, t_emb = self.adaln_single(timestep, batch_size=batch, hidden_dtype=x.dtype)  # (B, 6D), (B, D)
+        t_mod, t_emb = self.adaln_single(timestep, batch_size=batch, hidden_dtype=hidden_states.dtype)  # (B, 6D), (B, D)
         y = encoder_hidden_states if self.y_pos_embed is None else self.y_pos_embed(encoder_hidden_states)
-        y = self.caption_projection(y.to(x.dtype))  # (B, T, D)
+        y = self.caption_projection(y.to(t_emb.dtype))  # (B, T, D)
+        feature_map, skips, temb = hidden_states, None, None
+        if self.conv_stages is not None:
+            temb = t_emb + y.mean(dim=1)  # ResBlocks see the timestep and the (pooled) condition
+            feature_map, skips = self.conv_stages.down(hidden_states, temb)
+        map_height, map_width = feature_map.shape[-2:]
+        x = self.pos_embed(feature_map)  # (B, N, D)
 
         for i, block in enumerate(self.transformer_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -285,7 +382,10 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
                 x = x + controlnet_block_samples[i]
 
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
-        x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)  # (B, N, p*p*C_out)
-        x = x.reshape(batch, height // p, width // p, p, p, self.out_channels)
-        out = torch.einsum("nhwpqc->nchpwq", x).reshape(batch, self.out_channels, height, width)
+        x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)  # (B, N, p*p*C_tok)
+        channels = self.token_out_channels
+        x = x.reshape(batch, map_height // p, map_width // p, p, p, channels)
+        out = torch.einsum("nhwpqc->nchpwq", x).reshape(batch, channels, map_height, map_width)
+        if self.conv_stages is not None:
+            out = self.conv_stages.up(out, skips, temb)
         return TransformerOutput(sample=out) if return_dict else (out,)
