@@ -90,7 +90,7 @@ def main() -> None:
             rows.append((str(dtype).split(".")[-1], batch, t_ours / batch, t_stock / batch))
     print(f"# {args.preset}, patch {args.patch}, latent {args.channels}x{args.latent}x{args.latent}, {args.steps} steps + CFG;"
           f" {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {date.today()}")
-    print(f"| dtype | batch | pixgen s/image | stock diffusers s/image | ratio |\n|---|---|---|---|---|")
+    print("| dtype | batch | pixgen s/image | stock diffusers s/image | ratio |\n|---|---|---|---|---|")
     for dtype, batch, a, b in rows:
         print(f"| {dtype} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
 
