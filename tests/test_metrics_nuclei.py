@@ -114,6 +114,16 @@ def test_planted_blur_and_noise_are_far_from_real_and_real_halves_are_close(cons
     assert f_ref.summary()["nuclei_per_field"] > 10
 
 
+def test_w1_matches_scipy():
+    from scipy.stats import wasserstein_distance
+
+    from metrics.nuclei import _w1
+
+    rng = np.random.default_rng(0)
+    a, b = rng.gamma(2.0, size=500), rng.normal(1.0, 2.0, size=77)
+    assert _w1(a, b) == pytest.approx(wasserstein_distance(a, b), rel=1e-9)
+
+
 def test_nuclear_distances_by_hand_and_tile_bootstrap():
     one = NuclearFeatures({"nuclei_per_field": np.array([1.0, 3.0]), "nuclear_fraction": np.array([0.1, 0.3])},
                           {k: np.array([1.0, 2.0, 3.0, 4.0]) for k in NUCLEUS_FEATURES}, np.array([0, 1, 1, 1]))
