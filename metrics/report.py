@@ -496,7 +496,7 @@ def _nuclei_markdown(n: dict[str, Any]) -> list[str]:
     for name, r in n["rows"].items():
         d = r["distance"]
         lines.append(f"| {name} | {r['n_tiles']} | " + " | ".join(_fmt(d[f]) for f in feats)
-                     + f" | {_fmt(d['aggregate'])} | {d['aggregate']['value'] / floor:.3g} |")
+                     + f" | {_fmt(d['aggregate'])} | {d['aggregate']['value'] / floor if floor else float('nan'):.3g} |")
     lines += ["", "Medians (nuclei per 64 um field, area in um^2, hematoxylin optical density):", "",
               "| set | nuclei | " + " | ".join(feats) + " |", "|---" * (len(feats) + 2) + "|"]
     for name, summ in [("real (reference)", n["real"])] + [(k, r["summary"]) for k, r in n["rows"].items()]:
