@@ -45,7 +45,7 @@ from PIL import Image
 
 from metrics.segmentation import MaskSet, TinyUNet, aji, dice, load_mask_folder, train_segmenter
 from metrics.stats import Estimate
-from pixgen.errors import InputError, ModelLoadError, PixgenError
+from pixgen.errors import ModelLoadError, PixgenError
 
 __all__ = [
     "BUNDLED",
@@ -249,7 +249,7 @@ class NuclearFeatures:
         """Medians of every feature (NaN for per-nucleus features of a set without nuclei)."""
         out = {k: float(np.median(v)) for k, v in self.per_tile.items()}
         out.update({k: float(np.median(v)) if len(v) else float("nan") for k, v in self.per_nucleus.items()})
-        out["n_nuclei"] = int(len(self.tile))
+        out["n_nuclei"] = len(self.tile)
         return out
 
 

@@ -489,8 +489,8 @@ def _nuclei_markdown(n: dict[str, Any]) -> list[str]:
     floor = next((r["distance"]["aggregate"]["value"] for name, r in n["rows"].items() if name.startswith("floor")), float("nan"))
     lines = [
         "## Nuclear statistics", "",
-        f"Nuclei segmented by `{n['segmenter']}` (at {n['segmenter_mpp']} um/px; images taken as {n['mpp']} um/px). "
-        f"Distance per feature: {n['distance']}. 0 = the real distribution; read against the floor.", "",
+        (f"Nuclei segmented by `{n['segmenter']}` (at {n['segmenter_mpp']} um/px; images taken as {n['mpp']} um/px). "
+         f"Distance per feature: {n['distance']}. 0 = the real distribution; read against the floor."), "",
         "| row | N | " + " | ".join(feats) + " | aggregate | / floor |", "|---" * (len(feats) + 4) + "|",
     ]
     for name, r in n["rows"].items():

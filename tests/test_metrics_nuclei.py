@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from metrics.nuclei import (
     nuclear_features,
 )
 from metrics.retrieval import BUNDLED_DETECTOR, reference_retrieval, retrieval_from_folders
-from metrics.segmentation import MaskSet, TinyUNet, train_segmenter
+from metrics.segmentation import MaskSet, train_segmenter
 from pixgen.cli import main
 from pixgen.errors import InputError, ModelLoadError
 
