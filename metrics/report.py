@@ -40,6 +40,8 @@ from metrics.images import (
     stratified_subsample,
 )
 from metrics.memorisation import memorisation_audit
+from metrics.nuclei import MPP, nuclear_statistics
+from metrics.retrieval import retrieval_from_folders
 from metrics.segmentation import is_mask_folder, load_mask_folder
 from metrics.stats import SmallSampleWarning
 from metrics.utility import LEARNERS, classification_utility, segmentation_utility
@@ -201,6 +203,10 @@ def evaluate(
     utility: Sequence[str] = LEARNERS,
     cnn_steps: int = 150,
     seg_steps: int = 300,
+    nuclei: bool = True,
+    nuclei_mpp: float = MPP,
+    references: str | Path | None = None,
+    reference_map: str | Path | dict[str, str] | None = None,
     batch_size: int = 32,
     device: str | None = None,
     out: str | Path | None = None,
@@ -212,8 +218,11 @@ def evaluate(
     augmentation study). Folders may hold class subfolders (labels = names) or, for masks,
     ``images/`` + ``inst/``. ``detectors`` are names for :func:`metrics.detectors.get_detector`
     or detector objects; None picks :func:`metrics.detectors.default_detectors` (Inception where its
-    weights are on disk, else the bundled ones; the report says which and why). With ``out`` the report is written there (``report.json``,
-    ``report.md``, plots). Returns the report as a dict.
+    weights are on disk, else the bundled ones; the report says which and why). ``nuclei`` adds the
+    nuclear statistics (:mod:`metrics.nuclei`) of every row, for images at ``nuclei_mpp`` um/px.
+    With ``references`` (a folder) and ``reference_map`` (synthetic file name -> reference file
+    name), every detector also scores reference retrieval (:mod:`metrics.retrieval`). With ``out``
+    the report is written there (``report.json``, ``report.md``, plots). Returns the report as a dict.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -247,6 +256,13 @@ def evaluate(
                 audits[det.name] = memorisation_audit(f[SYNTHETIC], f["train"], f["real"], n_boot=n_boot, seed=seed)
                 report["memorisation"][det.name] = _audit_summary(audits[det.name], syn_s, train_s)
             timings[f"fidelity_{det.name}"] = time.perf_counter() - t0
+            if references is not None:
+                report.setdefault("retrieval", {})[det.name] = retrieval_from_folders(references, syn_s, reference_map or {}, det, n_boot, seed)
+        if nuclei:
+            t0 = time.perf_counter()
+            pairs = {name: (cand.images, ref.images) for name, (cand, ref) in rows.items()}
+            report["nuclei"] = nuclear_statistics(real_s.images, pairs, mpp=nuclei_mpp, n_boot=n_boot, seed=seed)
+            timings["nuclei"] = time.perf_counter() - t0
         if conditioning is not None and not Path(conditioning).is_file():
             raise InputError(f"conditioning file not found: {conditioning}", fix="pass an .npz with 'files' and 'embeddings'")
         if conditioning is not None:
@@ -490,6 +506,13 @@ def _markdown(rep: dict[str, Any], figures: dict[str, list[str]]) -> str:
             ]
             lines += [f"- `{s['synthetic']}` ~ `{s['nearest_train']}` (d={s['distance']:.4g}, ratio {s['ratio_to_baseline_median']:.3g})" for s in m["suspects"][:20]]
             lines += [""] + [f"![{f}]({f})" for f in figures.get(det, []) if not f.startswith("pca")] + [""]
+    if "nuclei" in rep:
+        lines += _nuclei_markdown(rep["nuclei"])
+    if "retrieval" in rep:
+        lines += ["## Reference retrieval", "", "Share of variations whose own reference is the nearest (top-1) or among the 3 nearest references.", "",
+                  "| detector | references | variations | top-1 | top-3 | chance top-1 / top-3 | mean rank |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {d} | {r['n_references']} | {r['n_variations']} | {_fmt(r['top1'])} | {_fmt(r['top3'])} | "
+                  f"{r['chance']['top1']:.3g} / {r['chance']['top3']:.3g} | {r['mean_rank']:.3g} |" for d, r in rep["retrieval"].items()] + [""]
     if "conditional" in rep:
         c = rep["conditional"]
         lines += ["## Conditional fidelity", ""] + [f"- {k}: {_fmt(v) if isinstance(v, dict) else v}" for k, v in c.items()] + [""]
@@ -501,6 +524,26 @@ def _markdown(rep: dict[str, Any], figures: dict[str, list[str]]) -> str:
         lines += [f"| {k} | {_fmt(s[k]['dice'])} | {_fmt(s[k]['aji'])} |" for k in ("real", "real+synthetic") if k in s] + [""]
     lines += ["## Timings (s)", "", ", ".join(f"{k}: {v}" for k, v in rep["timings_s"].items()), ""]
     return "\n".join(lines)
+
+
+def _nuclei_markdown(n: dict[str, Any]) -> list[str]:
+    feats = n["features"]["per_tile"] + n["features"]["per_nucleus"]
+    floor = next((r["distance"]["aggregate"]["value"] for name, r in n["rows"].items() if name.startswith("floor")), float("nan"))
+    lines = [
+        "## Nuclear statistics", "",
+        (f"Nuclei segmented by `{n['segmenter']}` (at {n['segmenter_mpp']} um/px; images taken as {n['mpp']} um/px). "
+         f"Distance per feature: {n['distance']}. 0 = the real distribution; read against the floor."), "",
+        "| row | N | " + " | ".join(feats) + " | aggregate | / floor |", "|---" * (len(feats) + 4) + "|",
+    ]
+    for name, r in n["rows"].items():
+        d = r["distance"]
+        lines.append(f"| {name} | {r['n_tiles']} | " + " | ".join(_fmt(d[f]) for f in feats)
+                     + f" | {_fmt(d['aggregate'])} | {d['aggregate']['value'] / floor if floor else float('nan'):.3g} |")
+    lines += ["", "Medians (nuclei per 64 um field, area in um^2, hematoxylin optical density):", "",
+              "| set | nuclei | " + " | ".join(feats) + " |", "|---" * (len(feats) + 2) + "|"]
+    for name, summ in [("real (reference)", n["real"])] + [(k, r["summary"]) for k, r in n["rows"].items()]:
+        lines.append(f"| {name} | {summ['n_nuclei']} | " + " | ".join(f"{summ[f]:.3g}" for f in feats) + " |")
+    return lines + [""]
 
 
 def _utility_markdown(u: dict[str, Any]) -> list[str]:
@@ -550,6 +593,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--utility", default=",".join(LEARNERS), help="learners for utility: linear-probe,small-cnn, or 'none'")
     p.add_argument("--cnn-steps", type=int, default=150, help="training steps of the small CNN")
     p.add_argument("--seg-steps", type=int, default=300, help="training steps of the nuclei U-Net (mask folders)")
+    p.add_argument("--no-nuclei", dest="nuclei", action="store_false", help="skip the nuclear statistics (metrics.nuclei)")
+    p.add_argument("--nuclei-mpp", type=float, default=MPP, help=f"um/px of the images, for the nuclear statistics (default {MPP})")
+    p.add_argument("--references", help="folder of the references the synthetic images are variations of (reference retrieval)")
+    p.add_argument("--reference-map", help="JSON object: synthetic file name -> reference file name (with --references)")
     p.add_argument("--device", help="torch device for detectors (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="for encoder:NAME detectors, run a pinned registry encoder's own hub code (never a folder's)")
@@ -573,6 +620,8 @@ def run(args: argparse.Namespace) -> int:
     for name, row in rep["fidelity"].items():
         fds = ", ".join(f"{k}={v['value']:.4g}" for k, v in row.items() if k.startswith(("FD_", "C2ST_")))
         print(f"{name:45s} {fds}")
+    for name, row in rep.get("nuclei", {}).get("rows", {}).items():
+        print(f"{name:45s} nuclear statistics distance={row['distance']['aggregate']['value']:.3g}")
     print(f"report: {Path(args.out) / 'report.md'} ({rep['timings_s']['total']:.0f} s)")
     return 0
 
@@ -583,5 +632,6 @@ def _evaluate_from_args(args: argparse.Namespace, utility: list[str]) -> dict[st
         detectors=None if args.detectors is None else [d.strip() for d in args.detectors.split(",") if d.strip()],
         inception_weights=args.inception_weights, trust_remote_code=args.trust_remote_code, max_images=args.max_images, seed=args.seed,
         n_boot=args.n_boot, k=args.k, crop_size=args.crop_size, conditioning=args.conditioning,
-        utility=utility, cnn_steps=args.cnn_steps, seg_steps=args.seg_steps, device=args.device, out=args.out,
+        utility=utility, cnn_steps=args.cnn_steps, seg_steps=args.seg_steps, nuclei=args.nuclei, nuclei_mpp=args.nuclei_mpp,
+        references=args.references, reference_map=args.reference_map, device=args.device, out=args.out,
     )

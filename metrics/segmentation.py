@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "aji",
     "instances_from_probability",
     "TinyUNet",
+    "foreground_target",
     "train_segmenter",
     "predict_probability",
 ]
@@ -177,22 +178,25 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class TinyUNet(nn.Module):
-    """A 3-level U-Net (16-32-64 channels, ~0.1 M parameters) giving one nuclei logit per pixel.
+    """A 3-level U-Net (16-32-64 channels, ~0.1 M parameters) giving ``out_channels`` logits per
+    pixel (one for binary nuclei; foreground + boundary for :mod:`metrics.nuclei`).
 
     Input sides must be multiples of 4.
 
     Example:
         >>> TinyUNet()(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 1, 32, 32])
+        >>> TinyUNet(out_channels=2)(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 2, 32, 32])
     """
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, out_channels: int = 1):
         super().__init__()
         w = width
         self.enc1, self.enc2, self.mid = _block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)
         self.up2, self.dec2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), _block(4 * w, 2 * w)
         self.up1, self.dec1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2), _block(2 * w, w)
-        self.head = nn.Conv2d(w, 1, 1)
+        self.head = nn.Conv2d(w, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1 = self.enc1(x)  # (B, w, H, W)
@@ -200,54 +204,84 @@ class TinyUNet(nn.Module):
         m = self.mid(F.max_pool2d(e2, 2))  # (B, 4w, H/4, W/4)
         d2 = self.dec2(torch.cat([self.up2(m), e2], 1))  # (B, 2w, H/2, W/2)
         d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))  # (B, w, H, W)
-        return self.head(d1)  # (B, 1, H, W)
+        return self.head(d1)  # (B, out_channels, H, W)
 
 
 def _to_input(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_segmenter(data: MaskSet, steps: int = 300, crop: int = 96, batch_size: int = 16, seed: int = 0) -> TinyUNet:
+def foreground_target(instances: np.ndarray) -> np.ndarray:
+    """The binary nuclei target (1, H, W) of an instance map."""
+    return (instances > 0)[None]
+
+
+def train_segmenter(
+    data: MaskSet,
+    steps: int = 300,
+    crop: int = 96,
+    batch_size: int = 16,
+    seed: int = 0,
+    *,
+    targets: Callable[[np.ndarray], np.ndarray] = foreground_target,
+    width: int = 16,
+    lr: float = 2e-3,
+    log: Callable[[str], None] | None = None,
+) -> TinyUNet:
     """Train a :class:`TinyUNet` on random ``crop`` px crops (with flips) for a fixed number of
-    steps (so real-only and real+synthetic runs get the same budget); BCE + soft-Dice loss."""
+    steps (so real-only and real+synthetic runs get the same budget); BCE + soft-Dice loss per
+    target channel. ``targets`` maps an instance-map crop to the (C, H, W) target (C = the
+    model's output channels); ``log`` receives a progress line every 100 steps."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = TinyUNet()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model = TinyUNet(width, out_channels=len(targets(np.zeros((4, 4), np.int64))))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(steps):
-        ims, fgs = [], []
+    losses = []
+    for step in range(1, steps + 1):
+        ims, insts = [], []
         for i in rng.integers(0, len(data), batch_size):
-            im, fg = data.images[i], data.instances[i] > 0
-            h, w = fg.shape
+            im, inst = data.images[i], data.instances[i]
+            h, w = inst.shape
             c = min(crop, h, w) // 4 * 4
             y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
-            im, fg = im[y : y + c, x : x + c], fg[y : y + c, x : x + c]
+            im, inst = im[y : y + c, x : x + c], inst[y : y + c, x : x + c]
             if rng.random() < 0.5:
-                im, fg = im[:, ::-1], fg[:, ::-1]
+                im, inst = im[:, ::-1], inst[:, ::-1]
             if rng.random() < 0.5:
-                im, fg = im[::-1], fg[::-1]
+                im, inst = im[::-1], inst[::-1]
             ims.append(np.ascontiguousarray(im))
-            fgs.append(np.ascontiguousarray(fg))
-        if len({m.shape for m in fgs}) > 1:  # images of mixed small sizes: crop to the smallest
-            s = min(min(m.shape) for m in fgs)
-            ims, fgs = [m[:s, :s] for m in ims], [m[:s, :s] for m in fgs]
+            insts.append(np.ascontiguousarray(inst))
+        if len({m.shape for m in insts}) > 1:  # images of mixed small sizes: crop to the smallest
+            s = min(min(m.shape) for m in insts)
+            ims, insts = [m[:s, :s] for m in ims], [m[:s, :s] for m in insts]
         x = _to_input(ims)
-        target = torch.from_numpy(np.stack(fgs)).float()[:, None]
+        target = torch.from_numpy(np.stack([targets(m) for m in insts])).float()  # (B, C, H, W)
         logit = model(x)
         prob = torch.sigmoid(logit)
-        soft_dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+        inter, total = (prob * target).sum(dim=(0, 2, 3)), (prob + target).sum(dim=(0, 2, 3))
+        soft_dice = (1 - (2 * inter + 1) / (total + 1)).mean()
         loss = F.binary_cross_entropy_with_logits(logit, target) + soft_dice
         opt.zero_grad()
         loss.backward()
         opt.step()
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == steps):
+            log(f"step {step}/{steps} loss {np.mean(losses[-100:]):.4f}")
     return model.eval()
 
 
 @torch.no_grad()
 def predict_probability(model: TinyUNet, image: np.ndarray) -> np.ndarray:
-    """Nuclei probability (H, W) for one HWC uint8 image (reflect-padded to a multiple of 4)."""
+    """Probabilities for one HWC uint8 image (reflect-padded to a multiple of 4): (H, W) for a
+    one-channel model, else (C, H, W).
+
+    Example:
+        >>> predict_probability(TinyUNet(), np.zeros((30, 30, 3), np.uint8)).shape
+        (30, 30)
+    """
     h, w = image.shape[:2]
     x = _to_input([image])
     x = F.pad(x, (0, -w % 4, 0, -h % 4), mode="reflect")
-    return torch.sigmoid(model.eval()(x))[0, 0, :h, :w].numpy()
+    prob = torch.sigmoid(model.eval()(x))[0, :, :h, :w].numpy()
+    return prob[0] if len(prob) == 1 else prob
