@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colours", nargs="+", default=[], help="label-map colours: 'R,G,B=label' ...")
     p.add_argument("--cells-per-pixel", type=int, default=1, help="label map: model windows per map pixel (per side)")
     p.add_argument("--period", type=int, default=4, help="--label: windows between independent draws (slerp between)")
-    p.add_argument("--overlap", type=int, help="window overlap in latents (default: half the window; 0 = naive tiling)")
+    p.add_argument("--overlap", type=int, help="window overlap in latents (default: a quarter of the window; 0 = naive tiling)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)

@@ -64,7 +64,7 @@ from pixgen.sampling import check_sampling_args, guided_prediction, predicted_x0
 
 __all__ = [
     "Layout", "layout_from_slide", "layout_from_condition", "layout_from_label_map", "window_starts",
-    "feather", "sample_canvas", "decode_rows", "generate_large", "canvas_size", "PNG_MAX_SIDE",
+    "feather", "slerp", "sample_canvas", "decode_rows", "generate_large", "canvas_size", "PNG_MAX_SIDE",
 ]
 
 PNG_MAX_SIDE = 4096  # PNG output holds the whole image in memory
@@ -257,7 +257,7 @@ def feather(window: int, overlap: int, floor: float = 1e-2) -> torch.Tensor:
     """(window, window) blending weights: linear ramps over ``overlap`` at each side, 1 inside.
 
     Example:
-        >>> feather(6, 2)[0].tolist()
+        >>> feather(6, 2)[2].tolist()  # the middle row: ramps over 2 px at each side
         [0.25, 0.75, 1.0, 1.0, 0.75, 0.25]
     """
     i = torch.arange(window, dtype=torch.float32)
@@ -330,14 +330,14 @@ def sample_canvas(gen: Generator, layout: Layout, height: int, width: int, *, nu
                   progress: bool = True) -> torch.Tensor:
     """Clean latents (1, C, h, w) of a ``height`` x ``width`` canvas (multiples of the latent unit).
 
-    ``overlap`` is in latents (default: half the window). Noise comes from ``seed``.
+    ``overlap`` is in latents (default: a quarter of the window: seamless in the bench, 2.25x fewer windows than half). Noise comes from ``seed``.
 
     Example:
         >>> lat = sample_canvas(gen, layout, 512, 512, num_inference_steps=10, guidance_scale=2.0)  # doctest: +SKIP
     """
     f = gen.vae.downsample_factor
     win = gen.transformer.config.sample_size
-    overlap = win // 2 if overlap is None else overlap
+    overlap = win // 4 if overlap is None else overlap
     if not 0 <= overlap < win:
         raise InputError(f"overlap must be in 0..{win - 1} latents (the window is {win}), got {overlap}")
     shape = (height // f, width // f)
@@ -366,7 +366,7 @@ def decode_rows(gen: Generator, latents: torch.Tensor, *, overlap: int | None = 
     """
     f = gen.vae.downsample_factor
     win = gen.transformer.config.sample_size
-    overlap = win // 2 if overlap is None else overlap
+    overlap = win // 4 if overlap is None else overlap
     _, _, h, w = latents.shape
     ys, xs = window_starts(h, win, win - overlap), window_starts(w, win, win - overlap)
     weight = feather(win * f, overlap * f)
