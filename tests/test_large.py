@@ -46,8 +46,10 @@ def test_predict_hook_is_the_default_prediction(gen):
     assert torch.equal(plain, hooked)
 
 
-def test_one_window_canvas_equals_the_plain_sampler(gen):
-    """x0 averaging over a single window and back is the identity: same latents as generate()."""
+@pytest.mark.parametrize("prediction_type", ["flow", "epsilon"])  # FlowMatchEuler; DPM-Solver++ (PixCell's)
+def test_one_window_canvas_equals_the_plain_sampler(prediction_type):
+    """x0 averaging over a single window and back is the identity: same latents as the plain sampler."""
+    gen = tiny_generator(prediction_type=prediction_type)
     layout = Layout(torch.randn(1, 1, 32), cell=32)
     got = sample_canvas(gen, layout, 32, 32, num_inference_steps=STEPS, guidance_scale=2.0, seed=5, progress=False)
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
