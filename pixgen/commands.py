@@ -18,7 +18,7 @@ TRUST_HELP = ("run the encoder's own Python code from its hub repository; only f
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``generate``, ``info`` and ``encoders`` to the ``pixgen`` parser."""
+    """Add ``generate``, ``info``, ``encoders`` and ``large`` to the ``pixgen`` parser."""
     gen = sub.add_parser("generate", help="generate H&E tiles from references, embeddings or a label")
     gen.add_argument("--model", default=str(DEFAULT_MODEL), help="model dir or hub id (default: the bundled model)")
     gen.add_argument("--n", type=int, default=4, help="images per condition (per label with --label)")
@@ -53,6 +53,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     enc = sub.add_parser("encoders", help="list the SSL encoder registry")
     enc.add_argument("--json", action="store_true", help="print JSON")
     enc.set_defaults(func=run_encoders)
+
+    from pixgen.commands_large import add_parser as add_large  # `pixgen large` lives in its own module
+
+    add_large(sub)
 
 
 def _check_default_model(model: str) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "sample",
     "guided_prediction",
     "predicted_x0",
+    "prediction_from_x0",
     "start_step_for_strength",
     "check_sampling_args",
     "SamplingCancelled",
@@ -174,6 +175,23 @@ def predicted_x0(scheduler, prediction_type: str, latents: torch.Tensor, pred: t
     return (latents - (1 - alpha).sqrt() * pred) / alpha.sqrt()
 
 
+def prediction_from_x0(scheduler, prediction_type: str, latents: torch.Tensor, x0: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The prediction (velocity / epsilon) that implies clean latents ``x0``: the inverse of
+    :func:`predicted_x0` (large images average x0 over overlapping windows, then step with this).
+
+    Example:
+        >>> from pixgen.pipeline import default_scheduler
+        >>> s, x, v, t = default_scheduler("flow"), torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2), torch.tensor(500.0)
+        >>> torch.allclose(prediction_from_x0(s, "flow", x, predicted_x0(s, "flow", x, v, t), t), v, atol=1e-5)
+        True
+    """
+    if prediction_type == "flow":
+        sigma = timestep.float() / scheduler.config.num_train_timesteps
+        return (latents - x0) / sigma
+    alpha = scheduler.alphas_cumprod[int(timestep)].to(latents.device, torch.float32)
+    return (latents - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+
+
 @torch.no_grad()
 def sample(
     denoiser: torch.nn.Module,
@@ -190,6 +208,7 @@ def sample(
     controlnet_conditioning_scale: float = 1.0,
     controlnet_cfg: str = "both",
     callback: StepCallback | Callable[..., Any] | None = None,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` (B, C, H, W, any H and W the denoiser's patch size divides) into clean latents.
 
@@ -204,6 +223,10 @@ def sample(
         image_latents: clean latents (B, C, H, W) noised with ``noise`` to the start timestep.
         controlnet, control, controlnet_conditioning_scale, controlnet_cfg: see :func:`guided_prediction`.
         callback: ``callback(step, timestep, latents, x0)`` after each step (see :class:`StepCallback`).
+        predict: ``predict(model_input, timestep) -> prediction`` replaces the one
+            :func:`guided_prediction` call per step (then ``cond`` and the ControlNet arguments are
+            not used): large images run guided predictions per overlapping window and return the
+            prediction of the averaged x0 (:mod:`pixgen.large`).
 
     Raises :class:`SamplingCancelled` when the callback returns ``False``.
 
@@ -229,9 +252,12 @@ def sample(
     prediction_type = denoiser.config.prediction_type
     for i, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        pred = guided_prediction(denoiser, model_in, t, cond, guidance, controlnet=controlnet, control=control,
-                                 controlnet_conditioning_scale=controlnet_conditioning_scale,
-                                 controlnet_cfg=controlnet_cfg)
+        if predict is not None:
+            pred = predict(model_in, t)
+        else:
+            pred = guided_prediction(denoiser, model_in, t, cond, guidance, controlnet=controlnet, control=control,
+                                     controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                     controlnet_cfg=controlnet_cfg)
         x0 = predicted_x0(scheduler, prediction_type, x, pred, t) if callback is not None else None
         x = scheduler.step(pred, t, x).prev_sample
         if callback is not None and callback(start_step + i, t, x, x0) is False:
