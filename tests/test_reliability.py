@@ -93,6 +93,11 @@ def _truncated_vae_weights(m: Path) -> str:
     return "vae/diffusion_pytorch_model.safetensors"
 
 
+def _wrong_type_scheduler_value(m: Path) -> str:
+    (m / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}')
+    return "scheduler"
+
+
 def _pickled_transformer_weights(m: Path) -> str:
     (m / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
     with open(m / "transformer" / "diffusion_pytorch_model.bin", "wb") as fh:
@@ -103,7 +108,7 @@ def _pickled_transformer_weights(m: Path) -> str:
 @pytest.mark.parametrize("command", ["generate", "info"])
 @pytest.mark.parametrize("damage", [_corrupt_transformer_config, _corrupt_scheduler_config,
                                     _truncated_transformer_weights, _truncated_vae_weights,
-                                    _pickled_transformer_weights])
+                                    _wrong_type_scheduler_value, _pickled_transformer_weights])
 def test_a_broken_model_folder_is_one_line_naming_the_file(damage, command, model_copy, tmp_path, capsys):
     named = damage(model_copy)
     out = tmp_path / "out"
@@ -253,3 +258,41 @@ def test_generate_keeps_finished_batches_when_stopped(stop, code, model_dir, tmp
     manifest = SetManifest.load(out)
     assert not manifest.complete and [(e.file, e.seed) for e in manifest.files] == [("0000.png", 3), ("0001.png", 4)]
     assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "manifest.json"]
+
+
+# --- the other commands: one line for the inputs in docs/reliability.md --------------------------
+def _used_tile_folder(tmp: Path) -> Path:
+    (tmp / "t").mkdir()
+    (tmp / "t" / "tiles.csv").write_text("x")
+    return tmp / "t"
+
+
+def _image_folder(tmp: Path) -> Path:
+    (tmp / "imgs" / "a").mkdir(parents=True)
+    _png(tmp / "imgs" / "a" / "0.png", (32, 32, 3))
+    return tmp / "imgs"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (lambda t, s, m: ["tile", str(s / "cmu-1-small-region.svs"), "--mpp", "0.5", "--out", str(_used_tile_folder(t))],
+     "already holds tiles"),
+    (lambda t, s, m: ["tile", str(s / "cmu-1-small-region.svs"), "--mpp", "0", "--out", str(t / "o")],
+     "not a plausible resolution"),
+    (lambda t, s, m: ["tile", str(_png(t / "x.png", (8, 8, 3))), "--mpp", "0.5", "--out", str(t / "o")],
+     "cannot open slide x.png"),
+    (lambda t, s, m: ["features", str(t / "missing"), "--out", str(t / "o")], "no data folder at"),
+    (lambda t, s, m: ["features", str(_image_folder(t)), "--out", str(_used_tile_folder(t)), "--mpp", "0.5",
+                      "--model", str(m)],
+     "holds no feature cache"),
+    (lambda t, s, m: ["train", "--data", str(t / "missing"), "--out", str(t / "o"), "--cpu"],
+     "no data folder or feature cache"),
+    (lambda t, s, m: ["eval", "--real", str(_image_folder(t)), "--synthetic", str(t / "missing"), "--out", str(t / "o"),
+                   "--detectors", "random-conv"], "image folder not found"),
+    (lambda t, s, m: ["eval", "--real", str(_image_folder(t)), "--synthetic", str(t / "imgs"), "--out", str(t / "o"),
+                   "--detectors", "nope"], "unknown detector 'nope'"),
+], ids=["tile-used-out", "tile-mpp-0", "tile-not-a-slide", "features-missing", "features-used-out",
+        "train-missing", "eval-missing", "eval-unknown-detector"])
+def test_other_commands_refuse_bad_inputs_in_one_line(argv, expected, model_dir, tmp_path, shared_data, capsys):
+    assert main(argv(tmp_path, shared_data / "slides", model_dir)) == 1
+    assert expected in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
