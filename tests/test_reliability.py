@@ -238,7 +238,7 @@ def test_eval_with_one_synthetic_image_is_one_line(tmp_path, capsys):
 # --- generate writes each batch as it finishes (#11 item 3) -------------------------------------
 @pytest.mark.parametrize("stop, code", [("cancel", 1), ("interrupt", 130)])
 def test_generate_keeps_finished_batches_when_stopped(stop, code, model_dir, tmp_path, monkeypatch, capsys):
-    import pixgen.pipeline as pipeline
+    from pixgen import pipeline
     from pixgen.sampling import SamplingCancelled
 
     out = tmp_path / "out"
