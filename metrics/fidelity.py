@@ -22,6 +22,7 @@ from scipy.spatial.distance import cdist
 from threadpoolctl import threadpool_limits
 
 from metrics.stats import Estimate, estimate, mean_estimate, warn_if_small
+from pixgen.errors import InputError
 
 __all__ = [
     "frechet_distance",
@@ -81,8 +82,11 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
-        raise ValueError(f"need two (N>=2, D) feature arrays of equal D, got {x.shape} and {y.shape}")
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"need two (N, D) feature arrays of equal D, got {x.shape} and {y.shape}")
+    if min(len(x), len(y)) < 2:  # a covariance needs two rows; an InputError so the CLI prints one line
+        raise InputError(f"a Frechet distance needs at least 2 images per set, got {len(x)} and {len(y)}",
+                         fix="evaluate at least 2 real and 2 synthetic images (hundreds for a number that means much)")
     mu_x, mu_y = x.mean(0), y.mean(0)
     xc = (x - mu_x) / np.sqrt(len(x) - 1)  # S1 = xc.T @ xc
     yc = (y - mu_y) / np.sqrt(len(y) - 1)

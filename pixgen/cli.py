@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from importlib.metadata import entry_points
 
 from pixgen.errors import PixgenError
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores the default display when main returns (tests call it in-process)
+            if not args.debug:
+                warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except PixgenError as err:
         if args.debug:
             raise
@@ -53,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pixgen: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, like errors (the source line and location only with --debug)."""
+    print(f"pixgen: warning: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from pixgen.errors import InputError, ModelLoadError
 
-__all__ = ["add_parsers", "DEFAULT_MODEL", "TRUST_HELP"]
+__all__ = ["add_parsers", "check_device", "DEFAULT_MODEL", "TRUST_HELP", "MAX_SEED"]
 
 # The bundled default model (committed inside the package); `--model` overrides it.
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "pixgen-default"
+MAX_SEED = 2**63 - 1  # seed + i must fit torch.Generator.manual_seed (64 bits)
 TRUST_HELP = ("run the encoder's own Python code from its hub repository; only for registry entries pinned to a "
               "commit (never code found in a model or encoder folder)")
 
@@ -24,7 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--n", type=int, default=4, help="images per condition (per label with --label)")
     gen.add_argument("--out", required=True, help="output folder: images, contact_sheet.png and manifest.json")
     gen.add_argument("--overwrite", action="store_true", help="replace the set already in --out")
-    gen.add_argument("--reference", nargs="+", help="reference image(s): variations of each")
+    gen.add_argument("--reference", nargs="+", help="reference image(s): variations of each; each should show the model's field of view "
+                     "(`pixgen info`: image_size px at mpp um/px)")
     gen.add_argument("--embeddings", help="embeddings file (.safetensors from pixgen, .npy or .pt)")
     gen.add_argument("--label", help="a label of the model's embedding bank (see `pixgen info`)")
     gen.add_argument("--control-image", nargs="+", help="binary cell mask(s) for a ControlNet model (non-zero = cell)")
@@ -76,46 +78,79 @@ def run_generate(args: argparse.Namespace) -> int:
     from pixgen.io import SetWriter, check_output_folder, load_image
     from pixgen.pipeline import Generator
 
-    from pixgen.sampling import check_sampling_args
-
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1, got {args.n}")
-    check_sampling_args(1 if args.steps is None else args.steps, 1.0 if args.guidance is None else args.guidance)
+    _check_generate_args(args)
     _check_default_model(args.model)
     out = check_output_folder(args.out, args.overwrite)  # before any loading or compute
-    dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(
-        args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device, dtype=dtype,
-        trust_remote_code=args.trust_remote_code,
+        args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device,
+        dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
     )
     masks = [np.array(load_image(p).convert("L")) for p in args.control_image] if args.control_image else None
-    # a refused request leaves nothing behind; a set broken off stays on disk marked incomplete
+    embeddings = _load_embeddings(args.embeddings)
+    # each batch is written as it finishes: a refused request leaves nothing behind, a set broken
+    # off (interrupt, full disk, a failing batch) keeps its finished images, marked incomplete
     with SetWriter.create(out, _set_manifest(args, gen), overwrite=args.overwrite) as writer:
-        result = _generate(args, gen, masks)
-        _write_images(writer, args, result)
-        writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
+        conditions = []
+        for batch in gen.generate_batches(
+            embeddings=embeddings, reference=args.reference, label=args.label, num_images=args.n,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
+            control_image=masks, controlnet_conditioning_scale=args.control_scale,
+        ):
+            _write_batch(writer, args, batch, _count_conditions(args, embeddings))
+            conditions.append(batch.conditions)
+        writer.finish(conditions=torch.cat([c.values for c in conditions]), encoder=conditions[0].encoder,
                       seconds=time.perf_counter() - t0)
-    print(f"wrote {len(result.images)} images, contact_sheet.png and manifest.json to {out}")
+    print(f"wrote {len(writer.manifest.files)} images, contact_sheet.png and manifest.json to {out}")
     return 0
 
 
-def _generate(args: argparse.Namespace, gen, masks):
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers and devices before anything is loaded or written."""
+    from pixgen.sampling import check_sampling_args
+
+    for name in ("n", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
+                             fix=f"pass --{name.replace('_', '-')} 1 or more")
+    if not 0 <= args.seed <= MAX_SEED:  # torch.Generator.manual_seed takes 64-bit seeds; image i uses seed + i
+        raise InputError(f"--seed must be in 0..2**63-1, got {args.seed}", fix="pass a smaller non-negative --seed")
+    check_sampling_args(1 if args.steps is None else args.steps, 1.0 if args.guidance is None else args.guidance)
+    check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string torch does not know, or a GPU this machine does not have (one line,
+    before any model is loaded).
+
+    Example:
+        >>> check_device("cpu")
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}", fix="pass --device cpu, cuda, cuda:1, mps ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)",
+                         fix="pass --device cpu, or run where a GPU and a CUDA build of torch are installed")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible",
+                         fix=f"pass --device cuda:0 .. cuda:{torch.cuda.device_count() - 1} (or check CUDA_VISIBLE_DEVICES)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: Apple MPS is not available here", fix="pass --device cpu")
+
+
+def _load_embeddings(path: str | None):
     from pixgen.embeddings import load_embeddings
 
-    embeddings = load_embeddings(args.embeddings) if args.embeddings else None
-    return gen.generate(
-        embeddings=embeddings,
-        reference=args.reference,
-        label=args.label,
-        num_images=args.n,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        control_image=masks,
-        controlnet_conditioning_scale=args.control_scale,
-    )
+    return load_embeddings(path) if path else None
+
+
+def _count_conditions(args: argparse.Namespace, embeddings) -> int:
+    """Distinct conditions in the request (each gets --n images)."""
+    return len(args.reference) if args.reference else len(embeddings) if embeddings is not None else 1
 
 
 def _set_manifest(args: argparse.Namespace, gen):
@@ -138,18 +173,18 @@ def _set_manifest(args: argparse.Namespace, gen):
     )
 
 
-def _write_images(writer, args: argparse.Namespace, result) -> None:
-    """Save each image with its seed and condition; the per-image record of the manifest."""
+def _write_batch(writer, args: argparse.Namespace, batch, num_conditions: int) -> None:
+    """Save one batch's images with their seeds and conditions: the per-image record of the manifest."""
     from pixgen.io import Condition, ImageEntry
 
     kind = "reference" if args.reference else "embeddings" if args.embeddings else "label" if args.label else "bank"
     masks = args.control_image or []
-    n = len(result.images)
-    for i, (img, seed, cid) in enumerate(zip(result.images, result.seeds, result.condition_ids)):
+    for k, (img, seed, cid) in enumerate(zip(batch.images, batch.seeds, batch.condition_ids)):
+        i = batch.extra["batch_start"] + k
         label = cid.rsplit("[", 1)[0] if kind in ("label", "bank") else None
         cond = Condition(kind, cid, label, writer.manifest.references.get(cid))
-        # masks: one for all images, one per condition (n per condition) or one per image
-        mask = masks[0] if len(masks) == 1 else masks[i] if len(masks) == n else masks[i // args.n] if masks else None
+        # masks: one for all images, one per condition (--n images each) or one per image
+        mask = masks[0] if len(masks) == 1 else masks[i // args.n] if len(masks) == num_conditions else masks[i] if masks else None
         writer.add(img, ImageEntry(f"{i:04d}.png", seed, cond, mask))
 
 

@@ -24,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 from pixgen import __version__
 from pixgen.conditioning import Condition, from_keywords
 from pixgen.embeddings import DEFAULT_DOMAIN, EmbeddingBank, Embeddings
-from pixgen.errors import InputError, ModelLoadError
+from pixgen.errors import InputError, ModelLoadError, PixgenError
 from pixgen.io import load_image, write_json_atomic
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, mask_to_pixels, per_image
@@ -50,6 +52,9 @@ __all__ = ["Generator", "GenerationOutput", "default_scheduler", "SCHEDULERS"]
 SCHEDULERS = {cls.__name__: cls for cls in (FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler)}
 DEFAULT_STEPS = {"flow": 28, "epsilon": 20}
 INDEX_FILE = "model_index.json"
+# A reference more than this factor larger or smaller than the model's tiles gets a warning (a 2x
+# difference is a scan at twice the resolution of the same field, which is fine).
+REFERENCE_SIZE_TOLERANCE = 2.0
 
 
 def default_scheduler(prediction_type: str):
@@ -151,15 +156,23 @@ class Generator:
         index = _read_index(root)
         from pixgen import formats
 
-        adapter = formats.detect(root, index)
+        with _reading(root / "transformer"):
+            adapter = formats.detect(root, index)
         if adapter is not None:  # a published layout (e.g. PixCell): its own loader
-            gen = adapter(root, index, token=token, vae_path=vae_path, encoder_path=encoder_path, local_files_only=local_files_only)
+            with _reading(root):
+                gen = adapter(root, index, token=token, vae_path=vae_path, encoder_path=encoder_path,
+                              local_files_only=local_files_only)
         else:
-            transformer = PixgenTransformer.from_pretrained(root / "transformer")
-            vae = load_autoencoder(vae_path or root / "vae", token=token, local_files_only=local_files_only)
+            with _reading(root / "transformer"):
+                transformer = PixgenTransformer.from_pretrained(root / "transformer")
+            with _reading(Path(vae_path) if vae_path else root / "vae"):
+                vae = load_autoencoder(vae_path or root / "vae", token=token, local_files_only=local_files_only)
             scheduler = _load_scheduler(root / "scheduler")
             config = {k: v for k, v in index.items() if not k.startswith("_")}
-            controlnet = PixgenControlNet.from_pretrained(root / "controlnet") if (root / "controlnet").is_dir() else None
+            controlnet = None
+            if (root / "controlnet").is_dir():
+                with _reading(root / "controlnet"):
+                    controlnet = PixgenControlNet.from_pretrained(root / "controlnet")
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
                       controlnet=controlnet)
         gen.locate(root, encoder_path=encoder_path, token=token, trust_remote_code=trust_remote_code)
@@ -257,6 +270,7 @@ class Generator:
             "latent": [self.vae.latent_channels, cfg.sample_size, cfg.sample_size],
             "image_size": self.config["image_size"],
             "mpp": self.config.get("mpp"),
+            "field_of_view_um": self.config["image_size"] * self.config["mpp"] if self.config.get("mpp") else None,
             "autoencoder": self.vae.kind,
             "encoder": self.config.get("encoder"),
             "domain": self.config.get("domain"),
@@ -280,10 +294,25 @@ class Generator:
             reference = [reference]
         ids = [str(r) if isinstance(r, (str, Path)) else f"reference[{i}]" for i, r in enumerate(reference)]
         images = [load_image(r) if isinstance(r, (str, Path)) else r for r in reference]
+        for name, img in zip(ids, images):
+            self._warn_field_of_view(name, img)
         tokens = self.transformer.config.caption_num_tokens
         enc = self.encoder
         values = enc.embed_grid(images, grid=round(tokens**0.5)) if tokens > 1 else enc.embed(images)
         return Embeddings(values, encoder=enc.spec.name, ids=ids, domain=self.config.get("domain"))
+
+    def _warn_field_of_view(self, name: str, image: Any) -> None:
+        """Warn (one line) when a reference is far from the model's tile size: the encoder resizes
+        any image to its input, so a whole slide region or a thumbnail would silently condition on
+        another field of view than the model was trained with (as ``pixgen features`` warns for tiles)."""
+        size = self.config["image_size"]
+        h, w = np.asarray(image).shape[:2]
+        if max(h, w) > REFERENCE_SIZE_TOLERANCE * size or max(h, w) < size / REFERENCE_SIZE_TOLERANCE:
+            mpp = self.config.get("mpp")
+            field = f"{size} px at {mpp} um/px ({size * mpp:g} um)" if mpp else f"{size} px at the training resolution"
+            warnings.warn(f"reference {name} is {w}x{h} px, far from this model's field of view ({field}); the "
+                          "encoder resizes it anyway, so its tissue is seen at another scale than in training "
+                          "(crop references to that field)", stacklevel=3)
 
     def check_conditions(self, cond: Embeddings) -> None:
         """Refuse tokens of another encoder, dimension, domain or token count (:class:`EncoderMismatchError`)."""
@@ -525,11 +554,58 @@ def _load_scheduler(directory: Path):
     config_file = directory / "scheduler_config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"no scheduler config at {config_file}", fix="re-save the model with save_pretrained")
-    name = json.loads(config_file.read_text()).get("_class_name")
+    try:
+        name = json.loads(config_file.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as err:  # not JSON, or JSON that is not an object
+        raise ModelLoadError(f"corrupt {config_file}: {err}", fix="restore scheduler_config.json (re-download or "
+                             "re-save the model)") from err
     cls = SCHEDULERS.get(name)
     if cls is None:
         raise ModelLoadError(f"unsupported scheduler {name!r} in {config_file}", fix=f"use one of {', '.join(SCHEDULERS)}")
-    return cls.from_pretrained(directory)
+    with _reading(directory):
+        return cls.from_pretrained(directory)
+
+
+@contextmanager
+def _reading(folder: Path) -> Iterator[None]:
+    """Turn what diffusers / json / safetensors raise for a broken component folder (bad JSON, a
+    config value of the wrong type, truncated weights) into one :class:`ModelLoadError` naming the
+    folder and the fix; a folder whose only weights are a pickle is refused before it is opened."""
+    _refuse_pickled_weights(folder)
+    try:
+        yield
+    except PixgenError:
+        raise
+    except (OSError, ValueError, TypeError) as err:  # diffusers: OSError; json, safetensors: ValueError; bad config values: TypeError
+        raise ModelLoadError(f"could not load {folder}: {_first_line(err)}{_root_cause(err)}",
+                             fix=f"restore {folder.name}/ (re-download or re-save the model): a config is damaged "
+                             "or the weights are truncated") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _root_cause(err: BaseException) -> str:
+    """`` (Type: message)`` of the JSON or safetensors error behind a library's wrapper, if any."""
+    cause = err.__cause__ or err.__context__
+    while cause is not None:
+        if isinstance(cause, json.JSONDecodeError) or type(cause).__name__ == "SafetensorError":
+            return f" ({type(cause).__name__}: {_first_line(cause)})"
+        cause = cause.__cause__ or cause.__context__
+    return ""
+
+
+def _refuse_pickled_weights(folder: Path) -> None:
+    """pixgen's model folders hold safetensors; a pickle-based weights file alone is not read (diffusers
+    would unpickle it with weights_only=True, after a warning about unsafe serialization)."""
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickles:
+            raise ModelLoadError(f"{folder / pickles[0]} is a pickle-based weights file and {folder} has no .safetensors "
+                                 "weights; pixgen never unpickles model files",
+                                 fix="use the model's .safetensors weights (or convert the checkpoint to safetensors "
+                                 "where you trust it)")
 
 
 def _enable_xformers(model: PixgenTransformer) -> None:

@@ -329,6 +329,20 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
                 fix=f"pass {cfg.caption_num_tokens} embeddings per image (one per tile, row-major)",
             )
 
+    def to(self, *args, **kwargs):
+        """Move / cast like ``nn.Module.to``. diffusers' ``ModelMixin.to`` warns "There are modules
+        in ... that should be kept in float32: []" on every cast with a dtype, even when the list is
+        empty (it tests ``(self._keep_in_fp32_modules or []) is not None``); this model keeps no
+        module in float32, so that check is skipped here rather than silencing diffusers' logger.
+
+        Example:
+            >>> tiny_transformer().to("cpu", torch.bfloat16).dtype  # doctest: +SKIP
+            torch.bfloat16
+        """
+        if self._keep_in_fp32_modules or getattr(self, "is_quantized", False):
+            return super().to(*args, **kwargs)
+        return nn.Module.to(self, *args, **kwargs)
+
     def null_condition(self, batch_size: int, num_tokens: int | None = None) -> torch.Tensor:
         """The null ("unconditional") tokens, (B, T, Dc), for classifier-free guidance."""
         null = self.caption_projection.uncond_embedding
