@@ -54,6 +54,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("--json", action="store_true", help="print JSON")
     enc.set_defaults(func=run_encoders)
 
+    from pixgen.synth import add_parser as add_synth
+
+    add_synth(sub)
+
 
 def _check_default_model(model: str) -> None:
     """A clear message when the bundled default model is missing (a partial checkout or copy)."""
