@@ -629,9 +629,9 @@ def near_copy_rejecter(train: str | Path | None, baseline: str | Path) -> Callab
             return gen.encoder.embed(images).reshape(len(images), -1).float().cpu().numpy()
 
         def folder(path: str | Path) -> np.ndarray:
-            root = Path(path)
-            files = [f for d in [root, *sorted(p for p in root.glob("*") if p.is_dir())] for f in list_images(d)] \
-                if root.is_dir() else []
+            root = Path(path)  # class subfolders if any (a set's top-level files are its sheets), else the folder
+            subs = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+            files = [f for d in subs or ([root] if root.is_dir() else []) for f in list_images(d)]
             if not files:
                 raise InputError(f"no images in {path}", fix="give a folder of real tiles")
             return np.concatenate([embed([load_image(f) for f in files[i : i + 64]]) for i in range(0, len(files), 64)])

@@ -247,3 +247,38 @@ def test_two_processes_write_the_same_set_as_one(tmp_path, model):
     m2, m1 = SetManifest.load(two), SetManifest.load(one)
     assert m2.complete and [(e.file, e.seed, e.condition) for e in m2.files] == [(e.file, e.seed, e.condition) for e in m1.files]
     assert "wrote 13 images" in proc.stdout and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# --reject-near-copies and --eval
+# ---------------------------------------------------------------------------------------------
+def test_reject_near_copies_regenerates_planted_copies_and_counts_them(tmp_path, model, monkeypatch):
+    import metrics.report
+
+    from pixgen.cli import main
+
+    spec = _spec(tmp_path, model, counts=(6, 0))
+    train, baseline, out = tmp_path / "train", tmp_path / "baseline", tmp_path / "out"
+    build_set(load_spec(spec), train, progress=False)  # the "training set" holds exactly what the spec makes
+    other = tmp_path / "other.toml"
+    other.write_text(spec.read_text().replace("seed = 7", "seed = 99").replace("count = 6", "count = 30"))
+    build_set(load_spec(other), baseline, progress=False)
+    calls = []
+    monkeypatch.setattr(metrics.report, "evaluate", lambda *a, **k: calls.append((a, k)))
+    assert main(["synth", str(spec), "--out", str(out), "--reject-near-copies", "--train", str(train),
+                 "--eval", str(baseline / "tumour"), "--no-progress"]) == 0
+    m = SetManifest.load(out)
+    records = [read_provenance(out / e.file) for e in m.files]
+    assert m.spec["rejected_near_copies"] == sum(r["attempts"] - 1 for r in records) >= 6
+    assert m.spec["kept_near_copies"] == 0 and all(r["attempts"] >= 2 for r in records)
+    assert all(e.seed != image_seed(7, "tumour", i) for i, e in enumerate(m.files))
+    assert m.spec["eval_report"] == "eval/report.md"
+    (args, kwargs), = calls
+    assert args == (str(baseline / "tumour"), str(out), str(train)) and kwargs["out"] == out / "eval"
+
+
+def test_reject_near_copies_needs_a_baseline(tmp_path, model):
+    from pixgen.cli import main
+
+    assert main(["synth", str(_spec(tmp_path, model)), "--out", str(tmp_path / "o"), "--reject-near-copies"]) == 1
+    assert not (tmp_path / "o").exists()
