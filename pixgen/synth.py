@@ -667,6 +667,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="drop and regenerate images the memorisation audit flags against the training set "
                    "(--train, else the model's bank; the threshold comes from the --eval real images)")
     p.add_argument("--eval-utility", default="linear-probe", help="learners for the eval's utility section (or none)")
+    p.add_argument("--eval-max-images", type=int, help="at most this many images per eval folder (seeded, class-stratified)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_synth)
 
@@ -699,4 +700,4 @@ def _evaluate(args: argparse.Namespace, report: Path) -> None:
 
     utility = [] if args.eval_utility in ("", "none") else [u.strip() for u in args.eval_utility.split(",")]
     print(f"evaluating against {args.eval} ...", file=sys.stderr)
-    evaluate(args.eval, args.out, args.train, utility=utility, out=report)
+    evaluate(args.eval, args.out, args.train, utility=utility, max_images=args.eval_max_images, out=report)
