@@ -415,7 +415,7 @@ def _check_out(out: Path, spec: SynthSpec) -> SetManifest | None:
         m = SetManifest.load(out)
         held = (m.spec or {}).get("sha256")
         if held != spec.sha256():
-            what = f"the set of another spec ({(m.spec or {}).get('file', 'pixgen generate')})" if held or not m.spec else "another set"
+            what = f"the set of another spec ({m.spec.get('file')})" if m.spec else "a set written by `pixgen generate`"
             raise InputError(f"{out} holds {what}; sets are not mixed",
                              fix="choose another --out, or remove that folder first")
         return m

@@ -166,6 +166,12 @@ def test_a_folder_holding_another_set_is_refused(tmp_path, model):
     before = _files(out)
     with pytest.raises(InputError, match="holds the set of another spec"):
         build_set(load_spec(_spec(tmp_path, model, batch_size=3, name="other.toml")), out, progress=False)
+    from pixgen.cli import main
+
+    assert main(["generate", "--model", str(model), "--label", "tumour", "--n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "gen")]) == 0
+    with pytest.raises(InputError, match="holds a set written by `pixgen generate`"):
+        build_set(load_spec(_spec(tmp_path, model)), tmp_path / "gen", progress=False)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):
