@@ -349,7 +349,7 @@ class _ClassConditions:
         self.hashes: dict[str, str] = {}
         where = f"{spec.source}: classes.{c.name}.{c.kind}"
         if c.kind in ("prompt", "masks"):
-            what = "a text prior" if c.kind == "prompt" else "a mask source"
+            what = "text prior" if c.kind == "prompt" else "mask source"
             raise InputError(f"{where}: {c.kind} conditions are not available in this model (it has no {what})",
                              fix="use label, reference or embeddings for this class")
         if c.kind == "label":
@@ -449,6 +449,7 @@ def build_set(spec: SynthSpec, out: str | Path, *, rejecter: Callable[[Generator
     out = Path(out)
     t0 = time.perf_counter()
     held = _check_out(out, spec)
+    state.wait_for_everyone()  # every rank has looked at the folder before rank 0 writes to it
     gen, model_name, root = _load_model(spec)
     conds = [_ClassConditions(spec, c, gen) for c in spec.classes]  # refuses bad classes before any write
     flags = rejecter(gen) if rejecter is not None else None
