@@ -393,7 +393,7 @@ class _ClassConditions:
 # ---------------------------------------------------------------------------------------------
 # Building the set
 # ---------------------------------------------------------------------------------------------
-def _load_model(spec: SynthSpec) -> tuple[Generator, str, Path | None]:
+def _load_model(spec: SynthSpec, device: str | None = None) -> tuple[Generator, str, Path | None]:
     import torch
 
     from pixgen.commands import DEFAULT_MODEL, _check_default_model
@@ -403,7 +403,7 @@ def _load_model(spec: SynthSpec) -> tuple[Generator, str, Path | None]:
     local = spec.path(name)
     name = str(local) if local.exists() else name
     _check_default_model(name)
-    gen = Generator.from_pretrained(name, device=spec.sampler.device, dtype=getattr(torch, spec.sampler.dtype))
+    gen = Generator.from_pretrained(name, device=device or spec.sampler.device, dtype=getattr(torch, spec.sampler.dtype))
     return gen, name, gen.source
 
 
@@ -421,6 +421,16 @@ def _check_out(out: Path, spec: SynthSpec) -> SetManifest | None:
         return m
     check_output_folder(out)
     return None
+
+
+def _check_same_model(out: Path, held: SetManifest, model_name: str, root: Path | None) -> None:
+    """A set is resumed only with the weights it was started with (same spec, changed model file)."""
+    from pixgen.io.manifest import weights_sha256
+
+    now = weights_sha256(root)[0] if root is not None else None
+    if held.model.weights_sha256 and now != held.model.weights_sha256:
+        raise InputError(f"{out} was started with other weights of {model_name} ({held.model.weights_sha256[:12]}...)",
+                         fix="resume with the same model files, or choose another --out")
 
 
 def _write_failed(path: Path, err: OSError) -> InputError:
@@ -450,7 +460,10 @@ def build_set(spec: SynthSpec, out: str | Path, *, rejecter: Callable[[Generator
     t0 = time.perf_counter()
     held = _check_out(out, spec)
     state.wait_for_everyone()  # every rank has looked at the folder before rank 0 writes to it
-    gen, model_name, root = _load_model(spec)
+    # "cuda" means each rank's own GPU (accelerate sets it); an explicit "cuda:1" is kept
+    gen, model_name, root = _load_model(spec, str(state.device) if spec.sampler.device == "cuda" else None)
+    if held is not None:
+        _check_same_model(out, held, model_name, root)
     conds = [_ClassConditions(spec, c, gen) for c in spec.classes]  # refuses bad classes before any write
     flags = rejecter(gen) if rejecter is not None else None
     layout = Layout(spec.output.layout)
@@ -460,7 +473,7 @@ def build_set(spec: SynthSpec, out: str | Path, *, rejecter: Callable[[Generator
     batches = plan_batches(spec)
     todo = [b for b in batches if any(not (out / layout.image(spec.classes[b.klass].name, i)).is_file() for i in b.indices)]
     mine = [b for b in todo if b.number % state.num_processes == state.process_index]
-    bar = _progress(spec, batches, todo, progress and state.is_main_process)
+    bar = _progress(spec, todo, progress and state.is_main_process)
     for b in mine:
         _generate_batch(spec, gen, conds[b.klass], layout, b, out, flags)
         bar.update(min(len(b.indices) * state.num_processes, bar.total - bar.n))
@@ -471,7 +484,7 @@ def build_set(spec: SynthSpec, out: str | Path, *, rejecter: Callable[[Generator
     return result
 
 
-def _progress(spec: SynthSpec, batches: list[Batch], todo: list[Batch], enabled: bool):
+def _progress(spec: SynthSpec, todo: list[Batch], enabled: bool):
     """One bar over the whole set; rank 0 counts its own images times the number of processes."""
     from tqdm.auto import tqdm
 

@@ -160,7 +160,7 @@ def test_bad_classes_are_refused_before_anything_is_written(tmp_path, model, bod
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_holding_another_set_is_refused(tmp_path, model):
+def test_a_folder_holding_another_set_is_refused(tmp_path, model, monkeypatch):
     out = tmp_path / "out"
     build_set(load_spec(_spec(tmp_path, model)), out, progress=False)
     before = _files(out)
@@ -172,6 +172,14 @@ def test_a_folder_holding_another_set_is_refused(tmp_path, model):
                  "--out", str(tmp_path / "gen")]) == 0
     with pytest.raises(InputError, match="holds a set written by `pixgen generate`"):
         build_set(load_spec(_spec(tmp_path, model)), tmp_path / "gen", progress=False)
+    (out / "tumour" / "0000.png").unlink()  # resumed over changed weights: refused
+    import pixgen.io.manifest
+
+    monkeypatch.setattr(pixgen.io.manifest, "weights_sha256", lambda folder: ("0" * 64, 3))
+    with pytest.raises(InputError, match="started with other weights"):
+        build_set(load_spec(_spec(tmp_path, model)), out, progress=False)
+    monkeypatch.undo()
+    build_set(load_spec(_spec(tmp_path, model)), out, progress=False)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):
