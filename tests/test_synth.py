@@ -80,6 +80,14 @@ def test_spec_errors_name_the_key(text, needle):
     assert needle in str(err.value) and str(err.value).startswith("s.toml")
 
 
+def test_layouts():
+    from pixgen.synth import Layout
+
+    assert Layout().image("lung_aca", 7) == "lung_aca/0007.png" and Layout().masks("lung_aca", 7) is None
+    seg = Layout("segmentation")
+    assert (seg.image("a", 7), seg.masks("a", 7)) == ("images/a_00007.png", ("inst/a_00007.png", "types/a_00007.png"))
+
+
 def test_image_seed_depends_on_seed_class_index_and_attempt_only():
     seeds = {image_seed(0, "a", 0), image_seed(1, "a", 0), image_seed(0, "b", 0), image_seed(0, "a", 1), image_seed(0, "a", 0, 1)}
     assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
@@ -151,6 +159,7 @@ def test_reference_and_embeddings_classes(tmp_path, model):
     ('[classes.a]\ncount = 2\nlabel = "lung_aca"\n', "unknown label 'lung_aca'"),
     ('[classes.a]\ncount = 2\nprompt = "adenocarcinoma"\n', "prompt conditions are not available in this model"),
     ('[classes.a]\ncount = 2\nreference = "nothing-here"\n', "no images in"),
+    ('[output]\nlayout = "segmentation"\n[classes.a]\ncount = 2\nmasks = "m"\n', "masks conditions are not available"),
 ])
 def test_bad_classes_are_refused_before_anything_is_written(tmp_path, model, body, needle):
     path = tmp_path / "s.toml"
