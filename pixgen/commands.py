@@ -57,8 +57,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     enc.set_defaults(func=run_encoders)
 
     from pixgen.commands_large import add_parser as add_large  # `pixgen large` lives in its own module
+    from pixgen.synth import add_parser as add_synth
 
     add_large(sub)
+    add_synth(sub)
 
 
 def _check_default_model(model: str) -> None:

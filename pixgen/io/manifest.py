@@ -18,9 +18,12 @@ read it instead of guessing from file names. Schema (version 1), as JSON::
      "conditions": {"file": "conditions.safetensors", "key": "embeddings", "encoder": "pixgen-ssl"} | null,
      "contact_sheet": "contact_sheet.png" | null,
      "versions": {"pixgen": "0.1.0", "torch": "...", "diffusers": "...", "python": "..."},
-     "created": "2026-12-04T22:00:00+00:00", "host": "...", "seconds": 12.3}
+     "created": "2026-12-04T22:00:00+00:00", "host": "...", "seconds": 12.3,
+     "spec": null | {"file": "lc.toml", "sha256": "...", "spec": {...}, "layout": "imagefolder",
+              "classes": {"lung_aca": {"count": 64, "kind": "label", "source": "lung_aca"}},
+              "contact_sheets": {"lung_aca": "contact_sheet_lung_aca.png"}, "rejected_near_copies": 0}}
 
-``files`` lists exactly the images of the set, in order; row *i* of the ``conditions`` tensor
+``spec`` is set by ``pixgen synth`` (files are then ``CLASS/0000.png``); ``files`` lists exactly the images of the set, in order; row *i* of the ``conditions`` tensor
 (N, tokens, D) is the condition of ``files[i]``. ``complete`` is false from the moment a set
 starts until its last file is written, so an interrupted set is recognisable as such.
 Paths (references, embeddings) are stored as typed; their content hashes identify them.
@@ -139,6 +142,7 @@ class SetManifest:
     created: str = ""
     host: str = ""
     seconds: float | None = None
+    spec: dict[str, Any] | None = None  # `pixgen synth`: the spec's sha256 and content, per-class counts and sheets
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
