@@ -43,6 +43,7 @@ from pixgen.io import load_image
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, mask_to_pixels, per_image
 from pixgen.models.transformer import PixgenTransformer
+from pixgen.prior import PRIOR_DIR, EmbeddingPrior
 from pixgen.sampling import StepCallback, check_sampling_args, sample, start_step_for_strength
 
 __all__ = ["Generator", "GenerationOutput", "default_scheduler", "SCHEDULERS"]
@@ -86,6 +87,8 @@ class Generator:
         encoder: a loaded :class:`pixgen.encoders.Encoder`, or None to load it lazily by name.
         embedding_bank: label -> real-tile embeddings, for label-only generation.
         controlnet: optional :class:`PixgenControlNet` steering generation with a cell mask.
+        prior: optional :class:`~pixgen.prior.EmbeddingPrior` (``MODEL/prior/``): new embeddings for a
+            label or a prompt; ``label=`` samples it when present.
         config: ``encoder`` (registry name), ``domain`` (stain of the generated tissue, ``"he"``;
             embeddings of another domain are refused), ``image_size``, ``mpp``,
             ``num_inference_steps``, ``guidance_scale``, ``controlnet_cfg`` (``"both"`` / ``"cond"``,
@@ -102,8 +105,10 @@ class Generator:
         embedding_bank: EmbeddingBank | None = None,
         config: dict[str, Any] | None = None,
         controlnet: PixgenControlNet | None = None,
+        prior: EmbeddingPrior | None = None,
     ):
         self.transformer = transformer
+        self.prior = prior
         self.controlnet = controlnet
         self.vae = vae
         self.scheduler = scheduler or default_scheduler(transformer.config.prediction_type)
@@ -161,7 +166,7 @@ class Generator:
             config = {k: v for k, v in index.items() if not k.startswith("_")}
             controlnet = PixgenControlNet.from_pretrained(root / "controlnet") if (root / "controlnet").is_dir() else None
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
-                      controlnet=controlnet)
+                      controlnet=controlnet, prior=EmbeddingPrior.load(root / PRIOR_DIR))
         gen.locate(root, encoder_path=encoder_path, token=token, trust_remote_code=trust_remote_code)
         return gen.to(device, dtype) if device or dtype else gen
 
@@ -202,6 +207,8 @@ class Generator:
             config["encoder_path"] = "encoder"
         if self.embedding_bank is not None:
             self.embedding_bank.save(directory)
+        if self.prior is not None:
+            self.prior.save(directory / PRIOR_DIR)
         index = {"_class_name": "Generator", "_pixgen_version": __version__, **config}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
         return directory
@@ -268,6 +275,7 @@ class Generator:
             "num_inference_steps": self.config["num_inference_steps"],
             "guidance_scale": self.config["guidance_scale"],
             "bank": {k: int(v.shape[0]) for k, v in self.embedding_bank.entries.items()} if self.embedding_bank else None,
+            "prior": self.prior.describe() if self.prior is not None else None,
             "controlnet": ({"layers": self.controlnet.config.num_layers, "cfg": self.config.get("controlnet_cfg")}
                            if self.controlnet is not None else None),
         }
