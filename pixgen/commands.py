@@ -26,7 +26,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--overwrite", action="store_true", help="replace the set already in --out")
     gen.add_argument("--reference", nargs="+", help="reference image(s): variations of each")
     gen.add_argument("--embeddings", help="embeddings file (.safetensors from pixgen, .npy or .pt)")
-    gen.add_argument("--label", help="a label of the model's embedding bank (see `pixgen info`)")
+    gen.add_argument("--label", help="a label (see `pixgen info`): new embeddings from the model's prior when it has "
+                     "one, else bank draws")
+    gen.add_argument("--prompt", help="a prompt in the prior's vocabulary, e.g. 'colon, inflammatory-rich, dense' "
+                     "(see `pixgen info`)")
+    gen.add_argument("--from-bank", action="store_true", help="with --label: draw real training-tile embeddings "
+                     "from the bank instead of sampling the prior")
+    gen.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="--n images along a path in embedding space "
+                     "from label / prompt A to B (one seed, the same noise at every point)")
     gen.add_argument("--control-image", nargs="+", help="binary cell mask(s) for a ControlNet model (non-zero = cell)")
     gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (0 = off)")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -89,22 +96,43 @@ def run_generate(args: argparse.Namespace) -> int:
     # a refused request leaves nothing behind; a set broken off stays on disk marked incomplete
     with SetWriter.create(out, _set_manifest(args, gen), overwrite=args.overwrite) as writer:
         result = _generate(args, gen, masks)
-        _write_images(writer, args, result)
+        _write_images(writer, args, result, prior=gen.prior is not None and not args.from_bank)
         writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
                       seconds=time.perf_counter() - t0)
     print(f"wrote {len(result.images)} images, contact_sheet.png and manifest.json to {out}")
     return 0
 
 
+def _prior_condition(args: argparse.Namespace):
+    """The condition that --prompt, --interpolate or --label --from-bank ask for (None: the keywords)."""
+    from pixgen.conditioning import BankDraw, PriorPath, PriorSample
+
+    given = [x for x in ("reference", "embeddings", "label", "prompt", "interpolate") if getattr(args, x)]
+    if len(given) > 1:
+        raise InputError(f"give only one of --{', --'.join(given)}")
+    if args.from_bank and not args.label:
+        raise InputError("--from-bank needs --label", fix="e.g. --label lung_scc --from-bank")
+    if args.interpolate:
+        return PriorPath(*args.interpolate, points=args.n)
+    if args.prompt:
+        return PriorSample(prompt=args.prompt)
+    return BankDraw(args.label) if args.from_bank else None
+
+
 def _generate(args: argparse.Namespace, gen, masks):
     from pixgen.embeddings import load_embeddings
 
     embeddings = load_embeddings(args.embeddings) if args.embeddings else None
+    condition = _prior_condition(args)
+    path = args.interpolate is not None  # one seed: the same image noise at every point of the path
+    latents = gen._noise([args.seed], gen._latent_shape(None, None), None, None).repeat(args.n, 1, 1, 1) if path else None
     return gen.generate(
+        condition,
         embeddings=embeddings,
         reference=args.reference,
-        label=args.label,
-        num_images=args.n,
+        label=None if condition is not None else args.label,
+        latents=latents,
+        num_images=1 if path else args.n,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         seed=args.seed,
@@ -134,15 +162,16 @@ def _set_manifest(args: argparse.Namespace, gen):
     )
 
 
-def _write_images(writer, args: argparse.Namespace, result) -> None:
+def _write_images(writer, args: argparse.Namespace, result, prior: bool = False) -> None:
     """Save each image with its seed and condition; the per-image record of the manifest."""
     from pixgen.io import Condition, ImageEntry
 
-    kind = "reference" if args.reference else "embeddings" if args.embeddings else "label" if args.label else "bank"
+    kind = ("reference" if args.reference else "embeddings" if args.embeddings else "prompt" if args.prompt
+            else "path" if args.interpolate else "prior" if args.label and prior else "label" if args.label else "bank")
     masks = args.control_image or []
     n = len(result.images)
     for i, (img, seed, cid) in enumerate(zip(result.images, result.seeds, result.condition_ids)):
-        label = cid.rsplit("[", 1)[0] if kind in ("label", "bank") else None
+        label = cid.rsplit("[", 1)[0] if kind in ("label", "bank", "prior") else None
         cond = Condition(kind, cid, label, writer.manifest.references.get(cid))
         # masks: one for all images, one per condition (n per condition) or one per image
         mask = masks[0] if len(masks) == 1 else masks[i] if len(masks) == n else masks[i // args.n] if masks else None
@@ -158,10 +187,19 @@ def run_info(args: argparse.Namespace) -> int:
     desc = {"model": str(args.model), **gen.describe()}
     if args.json:
         print(json.dumps(desc, indent=2))
-    else:
-        width = max(map(len, desc))
-        for key, value in desc.items():
-            print(f"{key:<{width}}  {value}")
+        return 0
+    prior = desc.pop("prior", None)
+    width = max(map(len, desc))
+    for key, value in desc.items():
+        print(f"{key:<{width}}  {value}")
+    if prior:
+        print(f"prior: --label samples new embeddings ({prior['steps']} flow steps); labels and what they mean:")
+        for name, terms in prior["labels"].items():
+            print(f"  {name:<24}  {terms}")
+        print("prompt vocabulary (--prompt, comma-separated):")
+        for name, meaning in prior["terms"].items():
+            print(f"  {name:<24}  {meaning}")
+        print(f"  ignored words: {', '.join(prior['stop_words'])}; any other word is an error")
     return 0
 
 
