@@ -135,7 +135,7 @@ def train_prior(embeddings: np.ndarray, terms: list[list[str]], out: Path, steps
     task = EmbeddingFlowTask(cfg, arrays)
     final = Engine(task, out, resume=(out / "config.json").is_file()).fit()
     flow = EmbeddingFlow.from_pretrained(final)
-    flow.register_to_config(encoder=encoder)
+    flow.register_to_config(encoder=encoder, _name_or_path="prior")  # not the run folder
     return EmbeddingPrior(flow, vocab, torch.from_numpy(mean), torch.from_numpy(std))
 
 

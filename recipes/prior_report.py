@@ -140,26 +140,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16, help="generated images per label for label fidelity")
     ap.add_argument("--steps", type=int, help="generator sampling steps (default: the model's)")
     ap.add_argument("--bank", action="store_true", help="also measure label fidelity of bank draws")
-    ap.add_argument("--out", required=True, type=Path, help="JSON report")
+    ap.add_argument("--sections", default="embeddings,adherence,fidelity",
+                    help="comma-separated: embeddings, adherence (needs --data), fidelity (needs --classifier)")
+    ap.add_argument("--out", required=True, type=Path, help="JSON report (sections run now replace those in it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     prior = EmbeddingPrior.load(args.prior or args.model / PRIOR_DIR)
     train, test = FeatureCache(args.train_cache), FeatureCache(args.test_cache)
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prior": str(args.prior or args.model),
-              "embeddings": embedding_report(prior, _by_label(train), _by_label(test))}
-    args.out.write_text(json.dumps(report, indent=1))
-    if args.data:
+    sections = set(args.sections.split(","))
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), prior=str(args.prior or args.model))
+    if "embeddings" in sections:
+        report["embeddings"] = embedding_report(prior, _by_label(train), _by_label(test))
+        args.out.write_text(json.dumps(report, indent=1))
+    if args.data and "adherence" in sections:
         report["adherence"] = adherence_report(prior, train, test, args.data)
         args.out.write_text(json.dumps(report, indent=1))
-    if args.classifier:
+    if args.classifier and "fidelity" in sections:
         report["label_fidelity"] = [label_fidelity(args.model, args.classifier, args.test_tiles, args.images, args.steps)]
         if args.bank:
             report["label_fidelity"].append(label_fidelity(args.model, args.classifier, args.test_tiles, args.images,
                                                            args.steps, from_bank=True))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.write_text(json.dumps(report, indent=1))
-    for label, r in report["embeddings"].items():
+    for label, r in report.get("embeddings", {}).items():
         nov = r["novelty"]
         print(f"{label:<10} n={r['n']:<4} FD {r['fd']['value']:.3f} floor {r['floor']['value']:.3f} "
               f"ratio {r['ratio']:.2f}  NN-dist prior {nov['prior_median']:.3f} held-out {nov['heldout_median']:.3f}")
