@@ -144,16 +144,18 @@ class EmbeddingPrior:
         flow: an :class:`EmbeddingFlow` with ``condition_dim == vocabulary.dim`` and ``source="noise"``.
         vocabulary: the terms and labels. mean, std: (D,) the flow's standardisation of the embeddings.
         steps: Euler steps when sampling. guidance: CFG scale on the condition vector.
+        temperature: scale of the source noise (< 1 trades diversity for samples nearer the data;
+            the bundled prior's was chosen on training embeddings, docs/prior.md).
     """
 
     def __init__(self, flow: EmbeddingFlow, vocabulary: Vocabulary, mean: torch.Tensor, std: torch.Tensor,
-                 steps: int = 20, guidance: float = 1.0):
+                 steps: int = 20, guidance: float = 1.0, temperature: float = 1.0):
         if flow.config.condition_dim != vocabulary.dim:
             raise ModelLoadError(f"the prior's flow takes {flow.config.condition_dim}-d conditions, its vocabulary has "
                                  f"{vocabulary.dim} terms", fix="re-export the prior (python -m recipes.prior)")
         self.flow, self.vocabulary = flow.eval(), vocabulary
         self.mean, self.std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()
-        self.steps, self.guidance = steps, guidance
+        self.steps, self.guidance, self.temperature = steps, guidance, temperature
 
     @property
     def labels(self) -> list[str]:
@@ -172,10 +174,11 @@ class EmbeddingPrior:
         return self.vocabulary.parse(label if label is not None else prompt)
 
     def noise(self, seeds: Sequence[int | None], generator: torch.Generator | None = None) -> torch.Tensor:
-        """(N, D) source noise, row ``i`` from ``torch.Generator(seeds[i])`` (or ``generator`` for None)."""
+        """(N, D) source noise times the temperature, row ``i`` from ``torch.Generator(seeds[i])``
+        (or ``generator`` for None)."""
         dim = self.flow.config.dim
-        return torch.stack([torch.randn(dim, generator=generator if s is None else torch.Generator().manual_seed(s))
-                            for s in seeds])
+        return self.temperature * torch.stack(
+            [torch.randn(dim, generator=generator if s is None else torch.Generator().manual_seed(s)) for s in seeds])
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, seeds: Sequence[int | None] | None = None,
@@ -196,7 +199,7 @@ class EmbeddingPrior:
         folder = Path(folder)
         self.flow.save_pretrained(folder)
         info = {**self.vocabulary.to_json(), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "steps": self.steps, "guidance": self.guidance}
+                "steps": self.steps, "guidance": self.guidance, "temperature": self.temperature}
         (folder / PRIOR_FILE).write_text(json.dumps(info, indent=1))
         return folder
 
@@ -211,7 +214,8 @@ class EmbeddingPrior:
             flow = EmbeddingFlow.from_pretrained(folder).float()
             vocab = Vocabulary(info["terms"], labels=info.get("labels", {}), seen=info.get("seen", []))
             return cls(flow, vocab, torch.tensor(info["mean"]), torch.tensor(info["std"]),
-                       steps=int(info.get("steps", 20)), guidance=float(info.get("guidance", 1.0)))
+                       steps=int(info.get("steps", 20)), guidance=float(info.get("guidance", 1.0)),
+                       temperature=float(info.get("temperature", 1.0)))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ModelLoadError(f"corrupt embedding prior in {folder}: {err}",
                                  fix="re-export it (python -m recipes.prior) or remove the prior/ folder") from err
@@ -221,4 +225,5 @@ class EmbeddingPrior:
         return {"labels": {k: " + ".join(v) for k, v in self.vocabulary.labels.items()},
                 "terms": {t.name: f"[{t.group}] {t.meaning}" + (f" (also: {', '.join(t.aliases)})" if t.aliases else "")
                           for t in self.vocabulary.terms},
-                "stop_words": sorted(STOP_WORDS), "steps": self.steps, "guidance": self.guidance}
+                "stop_words": sorted(STOP_WORDS), "steps": self.steps, "guidance": self.guidance,
+                "temperature": self.temperature}

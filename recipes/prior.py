@@ -148,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4000, help="flow training steps")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.5,
+                    help="source-noise scale stored with the prior (bundled: 0.5, chosen by FD to training embeddings)")
     ap.add_argument("--export", type=Path, help="write the fp16 prior here (e.g. pixgen/weights/pixgen-default/prior)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -160,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.work / "terms.json").write_text(json.dumps(terms))
     prior = train_prior(fc.array("embeddings").astype(np.float32), terms, args.work / "flow", steps=args.steps,
                         hidden=args.hidden, num_blocks=args.blocks, encoder=fc.encoder_name)
+    prior.temperature = args.temperature
     if args.export:
         prior.flow.to(torch.float16)
         print(f"exported {prior.save(args.export)}")

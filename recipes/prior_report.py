@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train, test = FeatureCache(args.train_cache), FeatureCache(args.test_cache)
     sections = set(args.sections.split(","))
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), prior=str(args.prior or args.model))
+    report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), prior=str(args.prior or args.model),
+                  temperature=prior.temperature, steps=prior.steps)
     if "embeddings" in sections:
         report["embeddings"] = embedding_report(prior, _by_label(train), _by_label(test))
         args.out.write_text(json.dumps(report, indent=1))

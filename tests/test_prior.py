@@ -71,6 +71,13 @@ def test_prior_sample_is_per_image_seeded(gen):
     torch.testing.assert_close(img3[2], img1[0], atol=1e-5, rtol=0)
 
 
+def test_temperature_scales_the_seeded_noise(gen):
+    prior = gen.prior
+    full = prior.noise([4, 5])
+    prior.temperature = 0.5
+    torch.testing.assert_close(prior.noise([4, 5]), 0.5 * full)
+
+
 def test_prior_path_shares_noise_and_ends_at_the_endpoints(gen):
     path = PriorPath("A", "b", points=4).resolve(gen, [9, 10, 11, 12]).values[:, 0]
     prior = gen.prior
