@@ -175,6 +175,7 @@ def _write_images(writer, args: argparse.Namespace, result, prior: bool = False)
         cond = Condition(kind, cid, label, writer.manifest.references.get(cid))
         # masks: one for all images, one per condition (n per condition) or one per image
         mask = masks[0] if len(masks) == 1 else masks[i] if len(masks) == n else masks[i // args.n] if masks else None
+        seed = args.seed if kind == "path" else seed  # every point of a path starts from --seed's noise
         writer.add(img, ImageEntry(f"{i:04d}.png", seed, cond, mask))
 
 

@@ -156,6 +156,8 @@ def test_cli_prompt_interpolate_and_errors(model_dir, tmp_path, capsys):
     assert [c["kind"] for c in _manifest(tmp_path / "p")] == ["prompt", "prompt"]
     assert main(base + ["--interpolate", "A", "B", "--n", "3", "--out", str(tmp_path / "i")]) == 0
     ids = [c["id"] for c in _manifest(tmp_path / "i")]
+    files = json.loads((tmp_path / "i" / "manifest.json").read_text())["files"]
+    assert [f["seed"] for f in files] == [0, 0, 0]  # one seed's noise for the whole path
     assert len(ids) == 3 and ids[0].startswith("A->B[t=0 seed 0]") and ids[2].startswith("A->B[t=1 seed 0]")
     assert main(base + ["--prompt", "a, purple", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
