@@ -355,7 +355,8 @@ class Generator:
                 below build one; give one of them. Nothing: bank draws from all labels.
             embeddings: condition tokens (N, D) / (N, T, D) or tagged :class:`Embeddings`.
             reference: image paths / PIL images / uint8 arrays, embedded by the model's encoder.
-            label: a label of the model's embedding bank (``pixgen info`` lists them).
+            label: a label (``pixgen info`` lists them): the model's prior samples it when the model
+                has one (:class:`PriorSample`), else its bank draws it (:class:`BankDraw`).
             num_images: images per condition (per label for ``label``).
             num_inference_steps, guidance_scale: default to the model's config; steps >= 1 and a
                 finite guidance are required. ``guidance_scale == 1`` skips the unconditional pass.
