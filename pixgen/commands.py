@@ -28,7 +28,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--reference", nargs="+", help="reference image(s): variations of each; each should show the model's field of view "
                      "(`pixgen info`: image_size px at mpp um/px)")
     gen.add_argument("--embeddings", help="embeddings file (.safetensors from pixgen, .npy or .pt)")
-    gen.add_argument("--label", help="a label of the model's embedding bank (see `pixgen info`)")
+    gen.add_argument("--label", help="a label (see `pixgen info`): new embeddings from the model's prior when it has "
+                     "one, else bank draws")
+    gen.add_argument("--prompt", help="a prompt in the prior's vocabulary, e.g. 'colon, inflammatory-rich, dense' "
+                     "(see `pixgen info`)")
+    gen.add_argument("--from-bank", action="store_true", help="with --label: draw real training-tile embeddings "
+                     "from the bank instead of sampling the prior")
+    gen.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="--n images along a path in embedding space "
+                     "from label / prompt A to B (one seed, the same noise at every point)")
     gen.add_argument("--control-image", nargs="+", help="binary cell mask(s) for a ControlNet model (non-zero = cell)")
     gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (0 = off)")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -81,6 +88,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pixgen.pipeline import Generator
 
     _check_generate_args(args)
+    condition = _prior_condition(args)  # conflicting condition flags are refused before anything loads
     _check_default_model(args.model)
     out = check_output_folder(args.out, args.overwrite)  # before any loading or compute
     t0 = time.perf_counter()
@@ -93,13 +101,18 @@ def run_generate(args: argparse.Namespace) -> int:
     # each batch is written as it finishes: a refused request leaves nothing behind, a set broken
     # off (interrupt, full disk, a failing batch) keeps its finished images, marked incomplete
     with SetWriter.create(out, _set_manifest(args, gen), overwrite=args.overwrite) as writer:
+        path = args.interpolate is not None  # one seed: the same image noise at every point of the path
         conditions = []
         for batch in gen.generate_batches(
-            embeddings=embeddings, reference=args.reference, label=args.label, num_images=args.n,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
-            control_image=masks, controlnet_conditioning_scale=args.control_scale,
+            condition, embeddings=embeddings, reference=args.reference,
+            label=None if condition is not None else args.label,
+            latents=gen.initial_noise([args.seed]).repeat(args.n, 1, 1, 1) if path else None,
+            num_images=1 if path else args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            seed=args.seed, batch_size=args.batch_size, control_image=masks,
+            controlnet_conditioning_scale=args.control_scale,
         ):
-            _write_batch(writer, args, batch, _count_conditions(args, embeddings))
+            _write_batch(writer, args, batch, _count_conditions(args, embeddings),
+                         prior=gen.prior is not None and not args.from_bank)
             conditions.append(batch.conditions)
         writer.finish(conditions=torch.cat([c.values for c in conditions]), encoder=conditions[0].encoder,
                       seconds=time.perf_counter() - t0)
@@ -155,6 +168,22 @@ def _count_conditions(args: argparse.Namespace, embeddings) -> int:
     return len(args.reference) if args.reference else len(embeddings) if embeddings is not None else 1
 
 
+def _prior_condition(args: argparse.Namespace):
+    """The condition that --prompt, --interpolate or --label --from-bank ask for (None: the keywords)."""
+    from pixgen.conditioning import BankDraw, PriorPath, PriorSample
+
+    given = [x for x in ("reference", "embeddings", "label", "prompt", "interpolate") if getattr(args, x)]
+    if len(given) > 1:
+        raise InputError(f"give only one of --{', --'.join(given)}")
+    if args.from_bank and not args.label:
+        raise InputError("--from-bank needs --label", fix="e.g. --label lung_scc --from-bank")
+    if args.interpolate:
+        return PriorPath(*args.interpolate, points=args.n)
+    if args.prompt:
+        return PriorSample(prompt=args.prompt)
+    return BankDraw(args.label) if args.from_bank else None
+
+
 def _set_manifest(args: argparse.Namespace, gen):
     """The manifest of the set about to be generated: the model by content hash, the sampler
     settings, and the hashes of the reference and embeddings files."""
@@ -175,18 +204,20 @@ def _set_manifest(args: argparse.Namespace, gen):
     )
 
 
-def _write_batch(writer, args: argparse.Namespace, batch, num_conditions: int) -> None:
+def _write_batch(writer, args: argparse.Namespace, batch, num_conditions: int, prior: bool = False) -> None:
     """Save one batch's images with their seeds and conditions: the per-image record of the manifest."""
     from pixgen.io import Condition, ImageEntry
 
-    kind = "reference" if args.reference else "embeddings" if args.embeddings else "label" if args.label else "bank"
+    kind = ("reference" if args.reference else "embeddings" if args.embeddings else "prompt" if args.prompt
+            else "path" if args.interpolate else "prior" if args.label and prior else "label" if args.label else "bank")
     masks = args.control_image or []
     for k, (img, seed, cid) in enumerate(zip(batch.images, batch.seeds, batch.condition_ids)):
         i = batch.extra["batch_start"] + k
-        label = cid.rsplit("[", 1)[0] if kind in ("label", "bank") else None
+        label = cid.rsplit("[", 1)[0] if kind in ("label", "bank", "prior") else None
         cond = Condition(kind, cid, label, writer.manifest.references.get(cid))
         # masks: one for all images, one per condition (--n images each) or one per image
         mask = masks[0] if len(masks) == 1 else masks[i // args.n] if len(masks) == num_conditions else masks[i] if masks else None
+        seed = args.seed if kind == "path" else seed  # every point of a path starts from --seed's noise
         writer.add(img, ImageEntry(f"{i:04d}.png", seed, cond, mask))
 
 
@@ -199,10 +230,20 @@ def run_info(args: argparse.Namespace) -> int:
     desc = {"model": str(args.model), **gen.describe()}
     if args.json:
         print(json.dumps(desc, indent=2))
-    else:
-        width = max(map(len, desc))
-        for key, value in desc.items():
-            print(f"{key:<{width}}  {value}")
+        return 0
+    prior = desc.pop("prior", None)
+    width = max(map(len, desc))
+    for key, value in desc.items():
+        print(f"{key:<{width}}  {value}")
+    if prior:
+        print(f"prior: --label samples new embeddings ({prior['steps']} flow steps, temperature {prior['temperature']}); "
+              "labels and what they mean:")
+        for name, terms in prior["labels"].items():
+            print(f"  {name:<24}  {terms}")
+        print("prompt vocabulary (--prompt, comma-separated):")
+        for name, meaning in prior["terms"].items():
+            print(f"  {name:<24}  {meaning}")
+        print(f"  ignored words: {', '.join(prior['stop_words'])}; any other word is an error")
     return 0
 
 

@@ -12,12 +12,16 @@ value that says how to get them; :meth:`Generator.generate` takes one and resolv
   alone with its seed;
 * :class:`RawEmbeddings`: tokens given directly ((N, D), (N, T, D) or tagged embeddings);
 * :class:`EmbeddingGrid`: a (rows, cols, D) grid of tile embeddings, flattened row-major into
-  one image's tokens.
+  one image's tokens;
+* :class:`PriorSample`: a new embedding per image from the model's learned prior
+  (:mod:`pixgen.prior`) for a label or a prompt, from the image's own seed (as :class:`BankDraw`);
+* :class:`PriorPath`: points along a path between two labels / prompts, the same prior noise at
+  every point (controlled augmentation, ``pixgen generate --interpolate A B``).
 
 Extension point: subclass :class:`Condition` and implement ``size`` (how many distinct
 conditions; each gets ``num_images`` images) and ``resolve`` (tokens for the given per-image
-seeds). A class/text prior would draw ``prior.sample(label, seed)`` per seed as
-:class:`BankDraw` does; a stain translation would wrap another condition and map its tokens,
+seeds). :class:`PriorSample` draws ``prior.sample(condition, seed)`` per seed as
+:class:`BankDraw` draws bank entries; a stain translation would wrap another condition and map its tokens,
 retagging the domain (``Embeddings(..., domain="ihc")``).
 
 Example:
@@ -42,7 +46,8 @@ from pixgen.errors import InputError
 if TYPE_CHECKING:  # the Generator resolves conditions; conditions only read it
     from pixgen.pipeline import Generator
 
-__all__ = ["Condition", "Reference", "BankDraw", "RawEmbeddings", "EmbeddingGrid", "as_condition", "from_keywords"]
+__all__ = ["Condition", "Reference", "BankDraw", "PriorSample", "PriorPath", "RawEmbeddings", "EmbeddingGrid",
+           "as_condition", "from_keywords"]
 
 
 class Condition(ABC):
@@ -143,6 +148,73 @@ class BankDraw(Condition):
         return bank.draw(self.label, seeds, generator=generator)
 
 
+def _prior(model: Generator):
+    prior = getattr(model, "prior", None)
+    if prior is None:
+        raise InputError("this model has no embedding prior, so it cannot sample new embeddings for a label or prompt",
+                         fix="use --from-bank (a bank draw), reference images or embeddings")
+    return prior
+
+
+def _prior_embeddings(model: Generator, prior, values: torch.Tensor, ids: list[str]) -> Embeddings:
+    return Embeddings(values[:, None], encoder=prior.encoder, domain=model.config.get("domain"), ids=ids)
+
+
+@dataclass(eq=False)
+class PriorSample(Condition):
+    """A new embedding per image from the model's prior for ``label`` or ``prompt`` (one of them),
+    from the image's own seed: seed ``s`` gives the same embedding in any run, whatever ``num_images``.
+
+    Example:
+        >>> gen.generate(PriorSample(prompt="colon, inflammatory-rich"), num_images=4, seed=0)  # doctest: +SKIP
+    """
+
+    label: str | None = None
+    prompt: str | None = None
+
+    def size(self, model: Generator) -> int:
+        return 1
+
+    def resolve(self, model: Generator, seeds: Sequence[int | None], generator: torch.Generator | None = None) -> Embeddings:
+        prior = _prior(model)
+        z = prior.sample(prior.condition(self.label, self.prompt), seeds, generator)
+        name = self.label if self.label is not None else self.prompt
+        return _prior_embeddings(model, prior, z, [f"{name}[prior seed {s}]" for s in seeds])
+
+
+@dataclass(eq=False)
+class PriorPath(Condition):
+    """``points`` conditions on the straight line between the condition vectors of ``start`` and
+    ``end`` (labels or prompts), each sampled from the same prior noise, so the embeddings move
+    smoothly from a sample of ``start`` to one of ``end``; image ``j`` of every point uses the noise
+    of seed ``seeds[j]`` (the first point's seeds).
+
+    Example:
+        >>> gen.generate(PriorPath("lung_n", "lung_scc", points=8), num_images=1, seed=0)  # doctest: +SKIP
+    """
+
+    start: str
+    end: str
+    points: int = 8
+
+    def __post_init__(self) -> None:
+        if self.points < 2:
+            raise InputError(f"a path needs at least 2 points, got {self.points}")
+
+    def size(self, model: Generator) -> int:
+        return self.points
+
+    def resolve(self, model: Generator, seeds: Sequence[int | None], generator: torch.Generator | None = None) -> Embeddings:
+        prior = _prior(model)
+        a, b = (prior.vocabulary.parse(x) for x in (self.start, self.end))
+        per = len(seeds) // self.points
+        noise = prior.noise(seeds[:per], generator).repeat(self.points, 1)
+        t = torch.linspace(0, 1, self.points).repeat_interleave(per)[:, None]
+        z = prior.sample((1 - t) * a + t * b, noise=noise)
+        ids = [f"{self.start}->{self.end}[t={float(x):.3g} seed {seeds[i % per]}]" for i, x in enumerate(t[:, 0])]
+        return _prior_embeddings(model, prior, z, ids)
+
+
 def as_condition(value: Any) -> Condition:
     """A :class:`Condition` from a condition, tagged embeddings or a tensor / array of tokens."""
     if isinstance(value, Condition):
@@ -156,7 +228,8 @@ def as_condition(value: Any) -> Condition:
 def from_keywords(model: Generator, condition: Any = None, embeddings: Any = None, reference: Any = None,
                   label: str | None = None) -> Condition:
     """The condition that ``generate``'s conveniences (``embeddings=``, ``reference=``, ``label=``)
-    describe; nothing given means bank draws from all labels when the model has a bank."""
+    describe: a label samples the model's prior when it has one (:class:`PriorSample`), else draws
+    from its bank; nothing given means bank draws from all labels when the model has a bank."""
     given = [x is not None for x in (condition, embeddings, reference, label)]
     if sum(given) > 1:
         raise InputError("give only one of condition, embeddings, reference or label")
@@ -166,6 +239,8 @@ def from_keywords(model: Generator, condition: Any = None, embeddings: Any = Non
         return as_condition(embeddings)
     if reference is not None:
         return Reference(reference)
+    if label is not None and getattr(model, "prior", None) is not None:
+        return PriorSample(label)
     if label is not None or model.embedding_bank is not None:
         return BankDraw(label)
     raise InputError("nothing to condition on", fix="pass reference images, embeddings, or a label")

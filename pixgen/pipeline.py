@@ -45,6 +45,7 @@ from pixgen.io import load_image, write_json_atomic
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, mask_to_pixels, per_image
 from pixgen.models.transformer import PixgenTransformer
+from pixgen.prior import PRIOR_DIR, EmbeddingPrior
 from pixgen.sampling import StepCallback, check_sampling_args, sample, start_step_for_strength
 
 __all__ = ["Generator", "GenerationOutput", "default_scheduler", "SCHEDULERS"]
@@ -91,6 +92,8 @@ class Generator:
         encoder: a loaded :class:`pixgen.encoders.Encoder`, or None to load it lazily by name.
         embedding_bank: label -> real-tile embeddings, for label-only generation.
         controlnet: optional :class:`PixgenControlNet` steering generation with a cell mask.
+        prior: optional :class:`~pixgen.prior.EmbeddingPrior` (``MODEL/prior/``): new embeddings for a
+            label or a prompt; ``label=`` samples it when present.
         config: ``encoder`` (registry name), ``domain`` (stain of the generated tissue, ``"he"``;
             embeddings of another domain are refused), ``image_size``, ``mpp``,
             ``num_inference_steps``, ``guidance_scale``, ``controlnet_cfg`` (``"both"`` / ``"cond"``,
@@ -107,8 +110,10 @@ class Generator:
         embedding_bank: EmbeddingBank | None = None,
         config: dict[str, Any] | None = None,
         controlnet: PixgenControlNet | None = None,
+        prior: EmbeddingPrior | None = None,
     ):
         self.transformer = transformer
+        self.prior = prior
         self.controlnet = controlnet
         self.vae = vae
         self.scheduler = scheduler or default_scheduler(transformer.config.prediction_type)
@@ -174,7 +179,7 @@ class Generator:
                 with _reading(root / "controlnet"):
                     controlnet = PixgenControlNet.from_pretrained(root / "controlnet")
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
-                      controlnet=controlnet)
+                      controlnet=controlnet, prior=EmbeddingPrior.load(root / PRIOR_DIR))
         gen.locate(root, encoder_path=encoder_path, token=token, trust_remote_code=trust_remote_code)
         return gen.to(device, dtype) if device or dtype else gen
 
@@ -210,6 +215,8 @@ class Generator:
             config["encoder_path"] = "encoder"
         if self.embedding_bank is not None:
             self.embedding_bank.save(directory)
+        if self.prior is not None:
+            self.prior.save(directory / PRIOR_DIR)
         index = {"_class_name": "Generator", "_pixgen_version": __version__, **config}
         write_json_atomic(directory / INDEX_FILE, index)
         return directory
@@ -282,6 +289,7 @@ class Generator:
             "num_inference_steps": self.config["num_inference_steps"],
             "guidance_scale": self.config["guidance_scale"],
             "bank": {k: int(v.shape[0]) for k, v in self.embedding_bank.entries.items()} if self.embedding_bank else None,
+            "prior": self.prior.describe() if self.prior is not None else None,
             "controlnet": ({"layers": self.controlnet.config.num_layers, "cfg": self.config.get("controlnet_cfg")}
                            if self.controlnet is not None else None),
         }
@@ -377,7 +385,8 @@ class Generator:
                 below build one; give one of them. Nothing: bank draws from all labels.
             embeddings: condition tokens (N, D) / (N, T, D) or tagged :class:`Embeddings`.
             reference: image paths / PIL images / uint8 arrays, embedded by the model's encoder.
-            label: a label of the model's embedding bank (``pixgen info`` lists them).
+            label: a label (``pixgen info`` lists them): the model's prior samples it when the model
+                has one (:class:`PriorSample`), else its bank draws it (:class:`BankDraw`).
             num_images: images per condition (per label for ``label``).
             num_inference_steps, guidance_scale: default to the model's config; steps >= 1 and a
                 finite guidance are required. ``guidance_scale == 1`` skips the unconditional pass.
@@ -447,6 +456,15 @@ class Generator:
                                               "batch_start": lo})
         finally:
             bar.close()
+
+    def initial_noise(self, seeds: Sequence[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The starting noise ``generate`` uses for images with these seeds, (N, C, h, w); pass it
+        back as ``latents=`` (e.g. the same noise at every point of an interpolation).
+
+        Example:
+            >>> z = gen.initial_noise([7]).repeat(8, 1, 1, 1)       # doctest: +SKIP
+        """
+        return self._noise(list(seeds), self._latent_shape(height, width), None, None)
 
     def _latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an output of ``height`` x ``width`` pixels."""

@@ -1,0 +1,183 @@
+"""Measure an embedding prior against held-out real embeddings and with an independent classifier.
+
+    nice -n 19 python -m recipes.prior_report --train-cache /work/runs/gen-v2/cache \\
+        --test-cache /work/runs/gen-v2/test-cache --classifier runs/detector-cnn --out runs/prior/report.json
+
+Per label (docs/prior.md):
+
+* ``fd``: Fréchet distance in the encoder's space between ``n`` prior samples (seeds ``0..n-1``)
+  and the ``n`` held-out embeddings, with 95 % bootstrap intervals; ``floor``: the same between
+  ``n`` random training embeddings and the held-out ones (what a perfect sampler of the training
+  distribution scores); ``ratio`` = fd / floor (target <= 1.5);
+* ``novelty``: each embedding's distance to its nearest training embedding, for the prior's
+  samples and for the held-out real tiles (medians, and the share of prior samples closer than
+  the held-out 5th percentile; target: prior not closer than held-out real);
+* ``adherence`` (with ``--data``): for each composition / density term, a linear probe trained on
+  the real training embeddings of the tiles with masks (has the term or not; its held-out AUC is
+  reported) scores prior samples of ``colon`` and of ``colon, TERM`` drawn from the same seeds;
+  the paired difference of probe probabilities, with a 95 % bootstrap interval, should be > 0.
+  This is adherence in embedding space, not yet measured on generated images;
+* ``label_fidelity`` (with ``--classifier``): images generated from prior samples, classified by
+  the independent classifier (``metrics.classifier``), accuracy vs its accuracy on real held-out tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pixgen.prior import EmbeddingPrior
+
+__all__ = ["embedding_report", "adherence_report", "label_fidelity", "main"]
+
+MASK_TERMS = ("inflammatory-rich", "epithelial", "spindle", "sparse", "dense")
+
+
+def _by_label(cache) -> dict[str, np.ndarray]:
+    emb, labels = cache.array("embeddings").astype(np.float32), cache.array("labels")
+    return {name: emb[labels == k] for k, name in enumerate(cache.classes)}
+
+
+def embedding_report(prior: EmbeddingPrior, train: dict[str, np.ndarray], test: dict[str, np.ndarray],
+                     n_boot: int = 100) -> dict[str, dict]:
+    """FD with its floor and novelty per label (module docstring)."""
+    from metrics.fidelity import fd_estimate
+    from metrics.memorisation import nn_distances
+
+    pool = np.concatenate(list(train.values()))
+    rng = np.random.default_rng(0)
+    out = {}
+    for label, real in test.items():
+        n = len(real)
+        z = prior.sample(prior.condition(label), list(range(n))).numpy()
+        base = train[label][rng.choice(len(train[label]), n, replace=False)]
+        fd, floor = fd_estimate(z, real, n_boot=n_boot), fd_estimate(base, real, n_boot=n_boot)
+        d_prior, d_real = nn_distances(z, pool)[0], nn_distances(real, pool)[0]
+        out[label] = {"n": n, "fd": fd, "floor": floor, "ratio": fd["value"] / floor["value"],
+                      "novelty": {"prior_median": float(np.median(d_prior)), "heldout_median": float(np.median(d_real)),
+                                  "prior_p05": float(np.percentile(d_prior, 5)),
+                                  "heldout_p05": float(np.percentile(d_real, 5)),
+                                  "prior_below_heldout_p05": float((d_prior < np.percentile(d_real, 5)).mean())}}
+    return out
+
+
+def adherence_report(prior: EmbeddingPrior, train_cache, test_cache, data: Path, base: str = "colon",
+                     n: int = 400) -> dict[str, dict]:
+    """Per mask term: probe AUC on held-out real tiles and the paired shift of prior samples (module docstring)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from metrics.stats import mean_estimate
+    from recipes.prior import tile_terms
+
+    def masked(cache, split):
+        terms = tile_terms(cache, data, split)
+        keep = np.array([any(t in ("colon", "multi-organ") for t in ts) for ts in terms])
+        return cache.array("embeddings").astype(np.float32)[keep], [t for t, k in zip(terms, keep) if k]
+
+    (x_tr, t_tr), (x_te, t_te) = masked(train_cache, "train"), masked(test_cache, "test")
+    seeds = list(range(n))
+    out = {}
+    for term in MASK_TERMS:
+        y_tr, y_te = np.array([term in t for t in t_tr]), np.array([term in t for t in t_te])
+        probe = LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced").fit(x_tr, y_tr)
+        without = probe.predict_proba(prior.sample(prior.condition(prompt=base), seeds).numpy())[:, 1]
+        with_term = probe.predict_proba(prior.sample(prior.condition(prompt=f"{base}, {term}"), seeds).numpy())[:, 1]
+        out[term] = {"probe_heldout_auc": float(roc_auc_score(y_te, probe.predict_proba(x_te)[:, 1]))
+                     if 0 < y_te.sum() < len(y_te) else None,
+                     "heldout_positives": int(y_te.sum()), "n": n,
+                     "p_without": float(without.mean()), "p_with": float(with_term.mean()),
+                     "shift": mean_estimate(with_term - without)}
+    return out
+
+
+def label_fidelity(model: str | Path, classifier: str | Path, test_tiles: str | Path, n: int,
+                   steps: int | None, batch_size: int = 8, from_bank: bool = False) -> dict:
+    """Classifier accuracy on ``n`` images per label generated from prior samples (or bank draws)
+    vs on the real held-out tiles."""
+    from metrics.classifier import ClassifierDetector, preprocess, score_classifier
+    from pixgen.conditioning import BankDraw, PriorSample
+    from pixgen.pipeline import Generator
+
+    gen = Generator.from_pretrained(model)
+    det = ClassifierDetector(classifier)
+    real = score_classifier(classifier, test_tiles)
+    per_class = {}
+    for k, label in enumerate(det.labels):
+        cond = BankDraw(label) if from_bank else PriorSample(label)
+        images = gen.generate(cond, num_images=n, seed=1000, num_inference_steps=steps, output_type="np",
+                              batch_size=batch_size, progress=False).images
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            pred = det.model(preprocess(x, det.input_size)).argmax(1).numpy()
+        per_class[label] = float((pred == k).mean())
+    acc = float(np.mean(list(per_class.values())))
+    return {"source": "bank" if from_bank else "prior", "n_per_label": n, "steps": steps,
+            "accuracy": acc, "per_class": per_class, "real_accuracy": real["balanced_accuracy"],
+            "real_per_class": real["per_class"], "ratio": acc / real["balanced_accuracy"]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pixgen.commands import DEFAULT_MODEL
+    from pixgen.prior import PRIOR_DIR
+    from training.features import FeatureCache
+
+    ap = argparse.ArgumentParser(prog="python -m recipes.prior_report", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder with a prior/ (default: bundled)")
+    ap.add_argument("--prior", type=Path, help="a prior folder to measure instead of the model's")
+    ap.add_argument("--train-cache", required=True, type=Path, help="feature cache of the prior's training tiles")
+    ap.add_argument("--test-cache", required=True, type=Path, help="feature cache of held-out tiles (same encoder)")
+    ap.add_argument("--data", type=Path, help="the shared data folder: prompt adherence of the mask terms")
+    ap.add_argument("--classifier", type=Path, help="metrics.classifier folder (label fidelity; needs --test-tiles)")
+    ap.add_argument("--test-tiles", type=Path, help="held-out tile folder, one subfolder per label")
+    ap.add_argument("--images", type=int, default=16, help="generated images per label for label fidelity")
+    ap.add_argument("--steps", type=int, help="generator sampling steps (default: the model's)")
+    ap.add_argument("--bank", action="store_true", help="also measure label fidelity of bank draws")
+    ap.add_argument("--sections", default="embeddings,adherence,fidelity",
+                    help="comma-separated: embeddings, adherence (needs --data), fidelity (needs --classifier)")
+    ap.add_argument("--out", required=True, type=Path, help="JSON report (sections run now replace those in it)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    prior = EmbeddingPrior.load(args.prior or args.model / PRIOR_DIR)
+    train, test = FeatureCache(args.train_cache), FeatureCache(args.test_cache)
+    sections = set(args.sections.split(","))
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), prior=str(args.prior or args.model),
+                  temperature=prior.temperature, steps=prior.steps)
+    if "embeddings" in sections:
+        report["embeddings"] = embedding_report(prior, _by_label(train), _by_label(test))
+        args.out.write_text(json.dumps(report, indent=1))
+    if args.data and "adherence" in sections:
+        report["adherence"] = adherence_report(prior, train, test, args.data)
+        args.out.write_text(json.dumps(report, indent=1))
+    if args.classifier and "fidelity" in sections:
+        report["label_fidelity"] = [label_fidelity(args.model, args.classifier, args.test_tiles, args.images, args.steps)]
+        if args.bank:
+            report["label_fidelity"].append(label_fidelity(args.model, args.classifier, args.test_tiles, args.images,
+                                                           args.steps, from_bank=True))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    args.out.write_text(json.dumps(report, indent=1))
+    for label, r in report.get("embeddings", {}).items():
+        nov = r["novelty"]
+        print(f"{label:<10} n={r['n']:<4} FD {r['fd']['value']:.3f} floor {r['floor']['value']:.3f} "
+              f"ratio {r['ratio']:.2f}  NN-dist prior {nov['prior_median']:.3f} held-out {nov['heldout_median']:.3f}")
+    for term, r in report.get("adherence", {}).items():
+        sh = r["shift"]
+        print(f"adherence {term:<18} probe AUC {r['probe_heldout_auc']} p {r['p_without']:.3f} -> {r['p_with']:.3f} "
+              f"shift {sh['value']:+.3f} [{sh['ci'][0]:+.3f}, {sh['ci'][1]:+.3f}]")
+    for lf in report.get("label_fidelity", []):
+        print(f"label fidelity ({lf['source']}): {lf['accuracy']:.3f} vs real {lf['real_accuracy']:.3f} "
+              f"(ratio {lf['ratio']:.2f}) {lf['per_class']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""The embedding prior: vocabulary parsing, per-image seeded prior conditions, paths, the bundled prior."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixgen.conditioning import BankDraw, PriorPath, PriorSample
+from pixgen.errors import InputError
+from pixgen.models.flow import EmbeddingFlow
+from pixgen.prior import EmbeddingPrior, Term, Vocabulary
+from pixgen.testing import TINY_ENCODER_DIM, tiny_generator
+
+TERMS = [Term("a", "organ", "class a", ("alpha",)), Term("b", "organ", "class b"), Term("dense", "density", "many nuclei",
+                                                                                           ("crowded",))]
+LABELS = {"A": ["a"], "B": ["b"]}
+
+
+def tiny_prior(dim: int = TINY_ENCODER_DIM, seed: int = 0) -> EmbeddingPrior:
+    torch.manual_seed(seed)
+    flow = EmbeddingFlow(dim=dim, condition_dim=len(TERMS), hidden=16, num_blocks=1, encoder="tiny-test")
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    vocab = Vocabulary(TERMS, labels=LABELS, seen=[["a", "dense"], ["b"]])
+    return EmbeddingPrior(flow, vocab, torch.zeros(dim), torch.ones(dim), steps=3)
+
+
+@pytest.fixture
+def gen():
+    g = tiny_generator()
+    g.prior = tiny_prior()
+    return g
+
+
+def test_vocabulary_parses_aliases_labels_and_refuses_unknown_words():
+    v = Vocabulary(TERMS, labels=LABELS, seen=[["a", "dense"], ["b"]])
+    assert v.terms_of("Alpha, crowded tissue") == ["a", "dense"]
+    assert v.parse("A").tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(InputError, match="does not know: purple") as err:
+        v.parse("a, purple")
+    assert "alpha" in err.value.fix and "dense" in err.value.fix  # names the known words
+    with pytest.raises(InputError, match="no training tile"):
+        v.parse("b dense")  # never seen together
+    with pytest.raises(InputError, match="names no term"):
+        v.parse("the tissue")
+
+
+def test_label_samples_the_prior_by_default_and_from_bank_stays(gen):
+    kw = dict(num_images=2, seed=3, num_inference_steps=2, output_type="pt", progress=False)
+    out = gen.generate(label="A", **kw)
+    assert out.condition_ids == ["A[prior seed 3]", "A[prior seed 4]"]
+    bank = gen.generate(BankDraw("tumour"), **kw)
+    assert bank.condition_ids[0].startswith("tumour[")
+    with pytest.raises(InputError, match="unknown label 'tumour'"):
+        gen.generate(label="tumour", **kw)  # the prior's labels, not the bank's
+
+
+def test_prior_sample_is_per_image_seeded(gen):
+    together = PriorSample(prompt="a dense").resolve(gen, [5, 6, 7]).values
+    alone = PriorSample(prompt="a dense").resolve(gen, [6]).values
+    torch.testing.assert_close(together[1], alone[0])
+    assert not torch.allclose(together[0], together[1])
+    kw = dict(num_inference_steps=2, output_type="pt", progress=False)
+    img3 = gen.generate(PriorSample("A"), num_images=3, seed=10, **kw).images
+    img1 = gen.generate(PriorSample("A"), num_images=1, seed=12, **kw).images
+    torch.testing.assert_close(img3[2], img1[0], atol=1e-5, rtol=0)
+
+
+def test_temperature_scales_the_seeded_noise(gen):
+    prior = gen.prior
+    full = prior.noise([4, 5])
+    prior.temperature = 0.5
+    torch.testing.assert_close(prior.noise([4, 5]), 0.5 * full)
+
+
+def test_prior_path_shares_noise_and_ends_at_the_endpoints(gen):
+    path = PriorPath("A", "b", points=4).resolve(gen, [9, 10, 11, 12]).values[:, 0]
+    prior = gen.prior
+    ends = prior.sample(torch.stack([prior.condition("A"), prior.condition(prompt="b")]), [9, 9])
+    torch.testing.assert_close(path[[0, 3]], ends)
+    steps = (path[1:] - path[:-1]).norm(dim=1)
+    assert steps.max() < (path[3] - path[0]).norm()  # moves in steps, not jumps
+    with pytest.raises(InputError, match="at least 2"):
+        PriorPath("A", "B", points=1)
+
+
+def test_model_without_prior_says_so():
+    g = tiny_generator()
+    with pytest.raises(InputError, match="no embedding prior"):
+        g.generate(PriorSample(prompt="a"), num_inference_steps=1, progress=False)
+
+
+def test_prior_round_trips_through_the_model_folder(gen, tmp_path):
+    from pixgen.pipeline import Generator
+
+    gen.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "prior" / "prior.json").is_file()
+    loaded = Generator.from_pretrained(tmp_path / "m")
+    assert loaded.prior.labels == ["A", "B"] and loaded.describe()["prior"]["labels"] == {"A": "a", "B": "b"}
+    c = gen.prior.condition(prompt="a, dense")
+    torch.testing.assert_close(loaded.prior.sample(c, [1, 2]), gen.prior.sample(c, [1, 2]))
+
+
+def test_trained_prior_matches_class_statistics(tmp_path):
+    """A toy problem: two 4-d Gaussians with different means and spreads; the prior's samples of
+    each label have that label's mean and spread."""
+    from recipes.prior import train_prior
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    a = rng.normal(2.0, 0.5, (600, 4))
+    b = rng.normal(-1.0, 1.0, (600, 4)) * np.array([1, 1, 1, 2.0])
+    terms = [["a"]] * 600 + [["b"]] * 600
+    prior = train_prior(np.concatenate([a, b]).astype(np.float32), terms, tmp_path / "flow", steps=600, hidden=64,
+                        num_blocks=2, copies=2, encoder=None, vocabulary=TERMS[:2], labels=LABELS, batch_size=128)
+    for label, real in (("A", a), ("B", b)):
+        z = prior.sample(prior.condition(label), list(range(1000))).numpy()
+        np.testing.assert_allclose(z.mean(0), real.mean(0), atol=0.25)
+        np.testing.assert_allclose(z.std(0), real.std(0), rtol=0.25)
+
+
+def _manifest(folder: Path) -> list[dict]:
+    return [im["condition"] for im in json.loads((folder / "manifest.json").read_text())["files"]]
+
+
+BUNDLED = Path(__file__).parents[1] / "pixgen" / "weights" / "pixgen-default"
+
+
+@pytest.mark.skipif(not (BUNDLED / "prior" / "prior.json").is_file(), reason="no bundled prior")
+def test_bundled_prior_is_used_by_generate_label(tmp_path):
+    from pixgen.cli import main
+
+    assert main(["generate", "--label", "lung_scc", "--n", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    conds = _manifest(tmp_path / "s")
+    assert [c["kind"] for c in conds] == ["prior", "prior"] and conds[0]["label"] == "lung_scc"
+    assert main(["generate", "--label", "lung_scc", "--from-bank", "--n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert _manifest(tmp_path / "b")[0]["kind"] == "label"
+
+
+@pytest.fixture
+def model_dir(gen, tmp_path):
+    return gen.save_pretrained(tmp_path / "model")
+
+
+def test_cli_prompt_interpolate_and_errors(model_dir, tmp_path, capsys):
+    from pixgen.cli import main
+
+    base = ["generate", "--model", str(model_dir), "--steps", "1"]
+    assert main(base + ["--prompt", "alpha, dense", "--n", "2", "--out", str(tmp_path / "p")]) == 0
+    assert [c["kind"] for c in _manifest(tmp_path / "p")] == ["prompt", "prompt"]
+    assert main(base + ["--interpolate", "A", "B", "--n", "3", "--out", str(tmp_path / "i")]) == 0
+    ids = [c["id"] for c in _manifest(tmp_path / "i")]
+    files = json.loads((tmp_path / "i" / "manifest.json").read_text())["files"]
+    assert [f["seed"] for f in files] == [0, 0, 0]  # one seed's noise for the whole path
+    assert len(ids) == 3 and ids[0].startswith("A->B[t=0 seed 0]") and ids[2].startswith("A->B[t=1 seed 0]")
+    assert main(base + ["--prompt", "a, purple", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "purple" in err and "crowded" in err  # the unknown word and the known ones
+    assert not (tmp_path / "x" / "manifest.json").exists()
+    assert main(base + ["--label", "A", "--prompt", "b", "--out", str(tmp_path / "y")]) == 1
+    assert main(base + ["--from-bank", "--out", str(tmp_path / "z")]) == 1
+    assert main(["info", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "prompt vocabulary" in out and "crowded" in out and "A  " in out
