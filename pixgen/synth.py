@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from pixgen.errors import InputError
 
 if TYPE_CHECKING:
+    from pixgen.conditioning import PriorSample
     from pixgen.embeddings import Embeddings
     from pixgen.io.manifest import SetManifest
     from pixgen.pipeline import Generator
@@ -71,7 +72,7 @@ CONDITION_KINDS = ("label", "reference", "embeddings", "prompt", "masks")
 LAYOUTS = ("imagefolder", "segmentation")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOP_KEYS = {"seed", "model", "sampler", "output", "classes"}
-_CLASS_KEYS = {"count", *CONDITION_KINDS}
+_CLASS_KEYS = {"count", "from_bank", *CONDITION_KINDS}
 _SAMPLER_KEYS = {"steps", "guidance", "batch_size", "device", "dtype"}
 _OUTPUT_KEYS = {"layout"}
 MAX_ATTEMPTS = 4  # --reject-near-copies: regenerations per image before it is kept and reported
@@ -91,6 +92,7 @@ class ClassSpec:
     embeddings: str | None = None
     prompt: str | None = None
     masks: str | None = None
+    from_bank: bool = False  # a label's embeddings from the bank, not the model's prior
 
     @property
     def kind(self) -> str:
@@ -256,7 +258,10 @@ def _parse_class(ck: _Checker, name: str, table: Any) -> ClassSpec:
     if len(given) != 1:
         raise ck.fail(keys, f"give exactly one condition source of {', '.join(CONDITION_KINDS)}, got {given or 'none'}")
     ck.typed(table, given[0], str, keys)
-    return ClassSpec(name=name, count=count, **{given[0]: table[given[0]]})
+    from_bank = ck.typed(table, "from_bank", bool, keys, False)
+    if from_bank and given[0] != "label":
+        raise ck.fail([*keys, "from_bank"], "only applies to a label", fix="remove it, or use label = \"...\"")
+    return ClassSpec(name=name, count=count, from_bank=from_bank, **{given[0]: table[given[0]]})
 
 
 def load_spec(path: str | Path) -> SynthSpec:
@@ -336,7 +341,8 @@ def plan_batches(spec: SynthSpec) -> list[Batch]:
 # Conditions per class
 # ---------------------------------------------------------------------------------------------
 class _ClassConditions:
-    """Condition tokens and records for one class: label -> a bank draw per image seed;
+    """Condition tokens and records for one class: label or prompt -> a prior sample per image seed
+    (a label: a bank draw instead when the model has no prior or the class says ``from_bank``);
     reference folder -> image i uses reference ``i mod n``; embeddings -> row ``i mod N``."""
 
     def __init__(self, spec: SynthSpec, c: ClassSpec, gen: Generator):
@@ -345,14 +351,23 @@ class _ClassConditions:
 
         self.c, self.gen = c, gen
         self.fixed: Embeddings | None = None
+        self.prior: PriorSample | None = None
         self.ids: list[str] = []
         self.hashes: dict[str, str] = {}
         where = f"{spec.source}: classes.{c.name}.{c.kind}"
-        if c.kind in ("prompt", "masks"):
+        if c.kind == "masks" or (c.kind == "prompt" and gen.prior is None):
             what = "text prior" if c.kind == "prompt" else "mask source"
             raise InputError(f"{where}: {c.kind} conditions are not available in this model (it has no {what})",
                              fix="use label, reference or embeddings for this class")
-        if c.kind == "label":
+        if c.kind == "prompt" or (c.kind == "label" and gen.prior is not None and not c.from_bank):
+            from pixgen.conditioning import PriorSample
+
+            try:
+                gen.prior.condition(c.label, c.prompt)  # unknown labels and words, before any image
+            except InputError as err:
+                raise InputError(f"{where}: {err.message}", fix=err.fix) from None
+            self.prior = PriorSample(label=c.label, prompt=c.prompt)
+        elif c.kind == "label":
             bank = gen.embedding_bank
             if bank is None:
                 raise InputError(f"{where}: this model has no embedding bank, so labels cannot be used",
@@ -380,6 +395,10 @@ class _ClassConditions:
         from pixgen.embeddings import Embeddings
 
         c = self.c
+        if self.prior is not None:
+            drawn = self.prior.resolve(self.gen, list(seeds))
+            label = c.label if c.kind == "label" else c.name
+            return drawn, [{"kind": "prior", "id": i, "label": label, "reference_sha256": None} for i in drawn.ids]
         if self.fixed is None:
             drawn = self.gen.embedding_bank.draw(c.label, list(seeds))
             return drawn, [{"kind": "label", "id": i, "label": c.label, "reference_sha256": None} for i in drawn.ids]

@@ -168,3 +168,25 @@ def test_cli_prompt_interpolate_and_errors(model_dir, tmp_path, capsys):
     assert main(["info", str(model_dir)]) == 0
     out = capsys.readouterr().out
     assert "prompt vocabulary" in out and "crowded" in out and "A  " in out
+
+
+def test_synth_classes_sample_the_prior_for_labels_and_prompts(model_dir, tmp_path):
+    from pixgen.synth import build_set, load_spec
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'model = "{model_dir}"\n[sampler]\nsteps = 1\n'
+                    '[classes.a]\ncount = 2\nlabel = "A"\n'
+                    '[classes.dense]\ncount = 2\nprompt = "alpha, crowded"\n')
+    m = build_set(load_spec(spec), tmp_path / "out", progress=False)
+    kinds = [(e.condition.kind, e.condition.label) for e in m.files]
+    assert kinds == [("prior", "A"), ("prior", "A"), ("prior", "dense"), ("prior", "dense")]
+    again = build_set(load_spec(spec), tmp_path / "again", progress=False)  # per-image seeds: same bytes
+    assert [(tmp_path / "out" / e.file).read_bytes() for e in m.files] == [
+        (tmp_path / "again" / e.file).read_bytes() for e in again.files]
+    spec.write_text(f'model = "{model_dir}"\n[classes.a]\ncount = 2\nprompt = "alpha, purple"\n')
+    with pytest.raises(InputError, match="classes.a.prompt.*purple"):
+        build_set(load_spec(spec), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    spec.write_text(f'model = "{model_dir}"\n[classes.a]\ncount = 1\nprompt = "alpha"\nfrom_bank = true\n')
+    with pytest.raises(InputError, match="from_bank: only applies to a label"):
+        load_spec(spec)
