@@ -72,6 +72,14 @@ def one(cfg: dict) -> dict:
         tiles = [img[r:r + cell, c:c + cell] for r in range(0, size, cell) for c in range(0, size, cell)]
         emb = gen.encoder.embed(tiles)
         summary["fidelity_model_encoder"] = tile_fidelity(emb, layout.grid.reshape(len(tiles), -1))
+        # the fairer judge: the independent CNN (it did not condition the generator), each output
+        # tile against the real tile it was conditioned on
+        from metrics.detectors import BUNDLED_CNN_DIR, compute_features, get_detector
+
+        cnn = get_detector(f"classifier:{BUNDLED_CNN_DIR}")
+        real_tiles = [real[r:r + cell, c:c + cell] for r in range(0, size, cell) for c in range(0, size, cell)]
+        summary["fidelity_independent_cnn"] = tile_fidelity(torch.from_numpy(compute_features(cnn, tiles)),
+                                                            torch.from_numpy(compute_features(cnn, real_tiles)))
     return summary
 
 
@@ -125,6 +133,8 @@ def main() -> None:
         print(row(cfg, r), flush=True)
         if "fidelity_model_encoder" in r:
             print("twin fidelity (model encoder):", json.dumps(r["fidelity_model_encoder"]), flush=True)
+            print("twin fidelity (independent CNN, output tile vs its real tile):",
+                  json.dumps(r["fidelity_independent_cnn"]), flush=True)
 
 
 if __name__ == "__main__":
