@@ -44,7 +44,7 @@ from pixgen.errors import InputError, ModelLoadError
 __all__ = [
     "CLASSES", "MASK_CHANNELS", "PALETTE", "MaskFormat", "Layout", "encode_masks", "check_layout",
     "downsample_layout", "fit_layout", "load_layout", "load_layouts", "control_channels", "colour_layout",
-    "BUNDLED_MASK_MODEL", "attach_mask_model", "base_digest",
+    "BUNDLED_MASK_MODEL", "attach_mask_model", "base_digest", "generate_pairs", "run_mask_generate",
 ]
 
 CLASSES = ("background", "other", "inflammatory", "epithelial", "spindle-shaped")
@@ -358,5 +358,82 @@ def attach_mask_model(gen: Any, folder: str | Path = BUNDLED_MASK_MODEL, check_b
             raise ModelLoadError(f"the mask model in {folder} was trained for another generator than {gen.source}",
                                  fix="retrain it for this base: python -m recipes.mask_controlnet --base "
                                      f"{gen.source} --work runs/masks --export DIR")
-    gen.controlnet = PixgenControlNet.from_pretrained(folder / "controlnet").to(gen.device, gen.dtype).eval()
+    controlnet = PixgenControlNet.from_pretrained(folder / "controlnet").to(gen.device)
+    gen.controlnet = (controlnet if controlnet.dtype == gen.dtype else controlnet.to(dtype=gen.dtype)).eval()
     return gen
+
+
+def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: str | None = None, n: int = 1,
+                   seed: int = 0, control_scale: float = 1.0, steps: int | None = None,
+                   guidance: float | None = None, batch_size: int = 8, progress: bool = False) -> Any:
+    """Generate ``n`` images per layout and write a paired set in the CoNSeP layout through a
+    :class:`pixgen.io.SetWriter`: ``images/NAME.png``, ``inst/NAME.png`` (uint16 ids),
+    ``types/NAME.png`` (uint8 classes, when any layout has classes); the manifest's entry of each
+    image names its instance map (``control_image``). Returns the generation output.
+
+    Example:
+        >>> with SetWriter.create("pairs", manifest) as w:                                # doctest: +SKIP
+        ...     generate_pairs(attach_mask_model(gen), load_layouts("consep/test"), w, label="consep")
+    """
+    from pixgen.io import Condition, ImageEntry, save_png
+
+    if gen.controlnet is None or gen.controlnet.mask_encoder is None:
+        raise ModelLoadError("this model has no mask ControlNet",
+                             fix="pass --mask-model DIR (python -m recipes.mask_controlnet ... --export DIR)")
+    fitted = [fit_layout(lay, gen.config["image_size"]) for lay in layouts]
+    per_image = [lay for lay in fitted for _ in range(n)]
+    result = gen.generate(label=label, num_images=len(per_image), control_image=per_image, seed=seed,
+                          controlnet_conditioning_scale=control_scale, num_inference_steps=steps,
+                          guidance_scale=guidance, batch_size=batch_size, progress=progress)
+    typed = any(lay.types is not None for lay in fitted)
+    for i, (img, lay, s, cid) in enumerate(zip(result.images, per_image, result.seeds, result.condition_ids)):
+        name = lay.name if n == 1 else f"{lay.name}_{i % n}"
+        for folder in ("images", "inst", "types"):
+            (writer.out / folder).mkdir(exist_ok=True)
+        save_png(lay.inst.astype(np.uint16), writer.out / "inst" / f"{name}.png")
+        if typed:
+            types = lay.types if lay.types is not None else np.zeros(lay.shape, np.uint8)
+            save_png(types.astype(np.uint8), writer.out / "types" / f"{name}.png")
+        cond = Condition("label" if label else "bank", cid, cid.rsplit("[", 1)[0])
+        writer.add(img, ImageEntry(f"images/{name}.png", s, cond, f"inst/{name}.png"))
+    return result
+
+
+def run_mask_generate(args: Any, set_manifest: Any) -> int:
+    """``pixgen generate --mask FILE_OR_DIR`` (``--n`` images per mask) / ``--sample-masks N``
+    (N layouts, one image each): a paired set (see :func:`generate_pairs`);
+    ``set_manifest(args, gen)`` builds the set's manifest."""
+    import time
+
+    import torch
+
+    from pixgen.io import SetWriter, check_output_folder
+    from pixgen.pipeline import Generator
+
+    if args.mask and args.sample_masks:
+        raise InputError("--mask and --sample-masks are exclusive", fix="load masks or sample them, not both")
+    out = check_output_folder(args.out, args.overwrite)
+    t0 = time.perf_counter()
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.mask_model or gen.controlnet is None:
+        attach_mask_model(gen, args.mask_model or BUNDLED_MASK_MODEL)
+    if args.mask:
+        layouts = load_layouts(args.mask, args.mask_format)
+        label = args.label
+    else:
+        from pixgen.mask_sampler import MaskSampler
+
+        stats = Path(args.mask_model or BUNDLED_MASK_MODEL) / "mask_stats.json"
+        sampler = MaskSampler.from_json(stats, args.tissue)
+        layouts = [sampler.sample(args.seed + i) for i in range(args.sample_masks)]
+        label = args.label or (args.tissue if gen.embedding_bank and args.tissue in gen.embedding_bank.entries else None)
+    args.control_image = [args.mask or f"sampled:{args.tissue}"]  # recorded as the set's control input
+    with SetWriter.create(out, set_manifest(args, gen), overwrite=args.overwrite) as writer:
+        result = generate_pairs(gen, layouts, writer, label=label, n=1 if args.sample_masks else args.n, seed=args.seed,
+                                control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
+                                batch_size=args.batch_size)
+        writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
+                      seconds=time.perf_counter() - t0)
+    print(f"wrote {len(result.images)} paired images (images/, inst/{', types/' if (out / 'types').is_dir() else ''}) "
+          f"and manifest.json to {out}")
+    return 0
