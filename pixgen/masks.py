@@ -414,7 +414,9 @@ def run_mask_generate(args: Any, set_manifest: Any) -> int:
         raise InputError("--mask and --sample-masks are exclusive", fix="load masks or sample them, not both")
     out = check_output_folder(args.out, args.overwrite)
     t0 = time.perf_counter()
-    gen = Generator.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    gen = Generator.from_pretrained(args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path,
+                                    device=args.device, dtype=getattr(torch, args.dtype),
+                                    trust_remote_code=args.trust_remote_code)
     if args.mask_model or gen.controlnet is None:
         attach_mask_model(gen, args.mask_model or BUNDLED_MASK_MODEL)
     if args.mask:
