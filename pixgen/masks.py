@@ -388,7 +388,7 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
     typed = any(lay.types is not None for lay in fitted)
     for i, (img, lay, s, cid) in enumerate(zip(result.images, per_image, result.seeds, result.condition_ids)):
         name = lay.name if n == 1 else f"{lay.name}_{i % n}"
-        for folder in ("images", "inst", "types"):
+        for folder in ("images", "inst", "types") if typed else ("images", "inst"):
             (writer.out / folder).mkdir(exist_ok=True)
         save_png(lay.inst.astype(np.uint16), writer.out / "inst" / f"{name}.png")
         if typed:
