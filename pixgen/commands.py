@@ -38,6 +38,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      "from label / prompt A to B (one seed, the same noise at every point)")
     gen.add_argument("--control-image", nargs="+", help="binary cell mask(s) for a ControlNet model (non-zero = cell)")
     gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (0 = off)")
+    gen.add_argument("--mask", help="nuclei mask file or folder (CoNSeP/MoNuSeg inst/ + types/): a paired set out")
+    gen.add_argument("--mask-format", choices=["instance", "types", "colour", "binary"],
+                     help="how to read --mask files (default: guessed; docs/masks.md)")
+    gen.add_argument("--sample-masks", type=int, help="generate N random nuclei layouts and their images")
+    gen.add_argument("--tissue", default="consep", help="layout statistics for --sample-masks (consep, monuseg)")
+    gen.add_argument("--mask-model", help="mask ControlNet folder (default: the bundled pixgen-masks)")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     gen.add_argument("--guidance", type=float, help="CFG scale w, pred = uncond + w(cond-uncond); 1 = off")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
@@ -90,6 +96,10 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_generate_args(args)
     condition = _prior_condition(args)  # conflicting condition flags are refused before anything loads
     _check_default_model(args.model)
+    if args.mask or args.sample_masks:  # paired (image, mask) sets: pixgen.masks
+        from pixgen.masks import run_mask_generate
+
+        return run_mask_generate(args, _set_manifest)
     out = check_output_folder(args.out, args.overwrite)  # before any loading or compute
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(

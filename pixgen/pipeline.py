@@ -43,7 +43,7 @@ from pixgen.embeddings import DEFAULT_DOMAIN, EmbeddingBank, Embeddings
 from pixgen.errors import InputError, ModelLoadError, PixgenError
 from pixgen.io import load_image, write_json_atomic
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
-from pixgen.models.controlnet import PixgenControlNet, mask_to_pixels, per_image
+from pixgen.models.controlnet import PixgenControlNet, per_image
 from pixgen.models.transformer import PixgenTransformer
 from pixgen.prior import PRIOR_DIR, EmbeddingPrior
 from pixgen.sampling import StepCallback, check_sampling_args, sample, start_step_for_strength
@@ -495,7 +495,8 @@ class Generator:
 
     def _control_latents(self, control_image: Any, num_conditions: int, num_images: int,
                          shape: tuple[int, int, int] | None = None) -> torch.Tensor | None:
-        """VAE latents of the control masks, one per output image (PixCell's mask encoding)."""
+        """Control input of the masks, one per output image: PixCell's VAE latents of binary
+        masks, or pixel-grid mask channels for a mask-encoder ControlNet (:mod:`pixgen.masks`)."""
         if control_image is None:
             return None
         if self.controlnet is None:
@@ -503,8 +504,8 @@ class Generator:
                              fix="load a model with a controlnet/ folder, e.g. PixCell-256-Cell-ControlNet")
         f = self.vae.downsample_factor
         size = (shape[1] * f, shape[2] * f) if shape is not None else self.config["image_size"]
-        pixels = mask_to_pixels(control_image, size)  # (M, 3, H, W) in [-1, 1]
-        return per_image(self._vae_encode(pixels).to(self.dtype), num_conditions, num_images)
+        control = self.controlnet.control_input(control_image, size, self._vae_encode)  # (M, C, h, w)
+        return per_image(control.to(self.device, self.dtype), num_conditions, num_images)
 
     def _image_latents(self, image: Any, num_conditions: int, num_images: int, shape: tuple[int, int, int]) -> torch.Tensor:
         """img2img: clean latents of ``image`` (paths, PIL, uint8 arrays), one per output image."""

@@ -55,8 +55,12 @@ class PixgenControlNet(PixgenTransformer):
     Args:
         num_layers: how many transformer blocks are copied (and how many residuals come out);
             PixCell-256-Cell-ControlNet uses the first 27 of 28.
-        conditioning_channels: channels of the control latents (default: ``in_channels``, a mask
-            encoded by the model's own VAE).
+        conditioning_channels: channels of the control input (default: ``in_channels``, a mask
+            encoded by the model's own VAE: PixCell's layout).
+        conditioning_downsample: 1 (default): the control input is at the latent grid (PixCell);
+            > 1 (a power of 2, the VAE's factor): it is at the pixel grid (e.g. the 6 channels of
+            :func:`pixgen.masks.encode_masks`) and a small conv ``mask_encoder`` brings it to the
+            latent grid.
         Other arguments: as :class:`PixgenTransformer`.
     """
 
@@ -82,6 +86,7 @@ class PixgenControlNet(PixgenTransformer):
         prediction_type: str = "flow",
         encoder_name: str | None = None,
         conditioning_channels: int | None = None,
+        conditioning_downsample: int = 1,
     ):
         super().__init__(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
@@ -93,12 +98,17 @@ class PixgenControlNet(PixgenTransformer):
             prediction_type=prediction_type, encoder_name=encoder_name,
         )
         inner = self.inner_dim
+        cond_in = conditioning_channels or in_channels
+        self.mask_encoder = None
+        if conditioning_downsample > 1:
+            self.mask_encoder = _mask_encoder(cond_in, conditioning_downsample, MASK_FEATURES)
+            cond_in = MASK_FEATURES
         # Same patching (and fixed sin-cos table) as `pos_embed`; only the projection learns.
         self.cond_pos_embed = PatchEmbed(
             height=sample_size,
             width=sample_size,
             patch_size=patch_size,
-            in_channels=conditioning_channels or in_channels,
+            in_channels=cond_in,
             embed_dim=inner,
             interpolation_scale=self.pos_embed.interpolation_scale,
         )
@@ -113,10 +123,12 @@ class PixgenControlNet(PixgenTransformer):
 
     @classmethod
     def from_transformer(
-        cls, transformer: PixgenTransformer, num_layers: int | None = None, conditioning_channels: int | None = None
+        cls, transformer: PixgenTransformer, num_layers: int | None = None, conditioning_channels: int | None = None,
+        conditioning_downsample: int = 1,
     ) -> PixgenControlNet:
         """Start a ControlNet from a trained transformer: copy its first ``num_layers`` blocks and
-        all shared modules; the control projections start at zero.
+        all shared modules; the control projections start at zero (the mask encoder, if any, at
+        PyTorch's default init: its output only reaches the model through the zeroed projection).
 
         Example:
             >>> cn = PixgenControlNet.from_transformer(gen.transformer, num_layers=27)  # doctest: +SKIP
@@ -129,11 +141,12 @@ class PixgenControlNet(PixgenTransformer):
         depth = config["num_layers"] if num_layers is None else num_layers
         if not 1 <= depth <= config["num_layers"]:
             raise InputError(f"num_layers must be in 1..{config['num_layers']}, got {depth}")
-        controlnet = cls(**{**config, "num_layers": depth, "conditioning_channels": conditioning_channels})
+        controlnet = cls(**{**config, "num_layers": depth, "conditioning_channels": conditioning_channels,
+                            "conditioning_downsample": conditioning_downsample})
         base_state = transformer.state_dict()
         own = controlnet.state_dict()
         copied = {k: v for k, v in base_state.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in copied and not k.startswith(("cond_pos_embed.", "controlnet_blocks."))]
+        missing = [k for k in own if k not in copied and not k.startswith(("cond_pos_embed.", "controlnet_blocks.", "mask_encoder."))]
         if missing:
             raise ModelLoadError(f"cannot copy {missing[:3]} from the transformer", fix="use a PixgenTransformer base")
         controlnet.load_state_dict(copied, strict=False)
@@ -156,18 +169,23 @@ class PixgenControlNet(PixgenTransformer):
             hidden_states: (B, C, H, W) noisy latents (what the base model sees).
             timestep: (B,) or scalar diffusion step.
             encoder_hidden_states: (B, T, Dc) condition tokens in the encoder's space.
-            controlnet_cond: (B, C_cond, H, W) control latents (e.g. a VAE-encoded cell mask).
+            controlnet_cond: (B, C_cond, H, W) control latents (e.g. a VAE-encoded cell mask), or
+                (B, C_cond, H*f, W*f) pixel-grid channels with a mask encoder (f = conditioning_downsample).
             conditioning_scale: multiplies every residual (0 switches the ControlNet off).
             drop_condition: (B,) bool; True rows use the null condition tokens.
         """
         self.check_condition(encoder_hidden_states)
-        if controlnet_cond.shape[-2:] != hidden_states.shape[-2:]:
+        f = self.config.conditioning_downsample
+        if tuple(controlnet_cond.shape[-2:]) != tuple(s * f for s in hidden_states.shape[-2:]):
             raise InputError(
-                f"control latents are {tuple(controlnet_cond.shape[-2:])}, latents {tuple(hidden_states.shape[-2:])}",
+                f"control input is {tuple(controlnet_cond.shape[-2:])}, latents {tuple(hidden_states.shape[-2:])}"
+                + (f" (the mask encoder expects {f}x the latent size)" if f > 1 else ""),
                 fix="pass a mask of the output image's size",
             )
         batch = hidden_states.shape[0]
-        x = self.pos_embed(hidden_states) + self.cond_pos_embed(controlnet_cond.to(hidden_states.dtype))  # (B, N, D)
+        cond = controlnet_cond.to(hidden_states.dtype)
+        cond = self.mask_encoder(cond) if self.mask_encoder is not None else cond  # pixel -> latent grid
+        x = self.pos_embed(hidden_states) + self.cond_pos_embed(cond)  # (B, N, D)
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
         t_mod, _ = self.adaln_single(timestep, batch_size=batch, hidden_dtype=x.dtype)  # (B, 6D)
         y = self._project_condition(encoder_hidden_states, drop_condition, x.dtype)  # (B, T, D)
@@ -181,6 +199,16 @@ class PixgenControlNet(PixgenTransformer):
         out = tuple(residuals)
         return ControlNetOutput(controlnet_block_samples=out) if return_dict else (out,)
 
+    def control_input(self, masks: Any, size: int | tuple[int, int], vae_encode) -> torch.Tensor:
+        """Control input for ``masks`` at image ``size``: pixel-grid channels
+        (:func:`pixgen.masks.control_channels`) for a mask-encoder ControlNet, else PixCell's
+        binary masks through ``vae_encode`` (pixels in [-1, 1] -> latents)."""
+        if self.mask_encoder is not None:
+            from pixgen.masks import control_channels
+
+            return control_channels(masks, size)
+        return vae_encode(mask_to_pixels(masks, size))
+
     def _project_condition(self, tokens: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """Condition tokens -> (B, T, D): null rows, grid position embedding, projection (as the base)."""
         if drop is not None:
@@ -189,6 +217,22 @@ class PixgenControlNet(PixgenTransformer):
         if self.y_pos_embed is not None:
             tokens = self.y_pos_embed(tokens)
         return self.caption_projection(tokens.to(dtype))
+
+
+MASK_FEATURES = 16  # channels the mask encoder hands to ``cond_pos_embed``
+
+
+def _mask_encoder(channels: int, downsample: int, features: int) -> nn.Sequential:
+    """Pixel-grid mask channels -> latent-grid features: one 3x3 conv, then a stride-2 conv per
+    factor of 2 (ControlNet's conditioning embedding, scaled to a 6-channel mask)."""
+    steps = int(np.log2(downsample))
+    if 2 ** steps != downsample:
+        raise InputError(f"conditioning_downsample must be a power of 2, got {downsample}")
+    widths = [32] + [min(32 * 2 ** k, 64) for k in range(1, steps + 1)]
+    layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, padding=1), nn.SiLU()]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.SiLU()]
+    return nn.Sequential(*layers, nn.Conv2d(widths[-1], features, 3, padding=1))
 
 
 def mask_to_pixels(masks: Any, size: int | tuple[int, int]) -> torch.Tensor:

@@ -3,9 +3,15 @@
 The base transformer (``cfg.init``) is frozen and never optimised; the ControlNet starts as a copy
 of its first ``cfg.controlnet_layers`` blocks with zero-initialised connections, so training starts
 from the base model's own output. Control inputs come from the feature cache field
-``cfg.control_field``: masks (H, W) at the tile size are encoded once by the cache's VAE (PixCell's
-binary-mask encoding, :func:`~pixgen.models.controlnet.mask_to_pixels`), or the field already
-holds latents (C, h, w). The loss is the base model's objective with the ControlNet residuals
+``cfg.control_field``, whose per-tile shape says what it is:
+
+* ``(H, W)`` at the tile size: binary masks, encoded once by the cache's VAE (PixCell's binary-mask
+  encoding, :func:`~pixgen.models.controlnet.mask_to_pixels`);
+* ``(C, h, w)`` at the latent shape: ready control latents;
+* ``(C, H, W)`` at the tile size: pixel-grid control channels (the 6 of
+  :func:`pixgen.masks.encode_masks`: nucleus, 4 classes, boundary); the ControlNet then gets a conv
+  mask encoder (``conditioning_channels=C``, ``conditioning_downsample`` = the VAE's factor), so
+  multi-class masks need no option: the cache field's shape sets it. The loss is the base model's objective with the ControlNet residuals
 added. The export is the base Generator folder plus ``controlnet/``, which
 ``pixgen.Generator.from_pretrained`` loads with it.
 
@@ -61,7 +67,10 @@ class ControlNetTask(GeneratorTask):
         from pixgen.models.controlnet import PixgenControlNet
 
         layers = self.cfg.controlnet_layers or None
-        controlnet = PixgenControlNet.from_transformer(self.init_gen.transformer.float(), num_layers=layers)
+        channels, downsample = self._pixel_control()
+        controlnet = PixgenControlNet.from_transformer(self.init_gen.transformer.float(), num_layers=layers,
+                                                       conditioning_channels=channels,
+                                                       conditioning_downsample=downsample)
         if self.cfg.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
         return controlnet
@@ -69,15 +78,27 @@ class ControlNetTask(GeneratorTask):
     def dataset(self) -> torch.utils.data.Dataset:
         return _WithControl(self.cache, self.controls)
 
+    def _pixel_control(self) -> tuple[int | None, int]:
+        """(conditioning_channels, conditioning_downsample): (C, factor) for a (C, H, W) field at
+        the tile size, else (None, 1) (PixCell's layout)."""
+        shape = tuple(self.cache.fields.get(self.cfg.control_field, {}).get("shape", ()))
+        size, (_, h, _) = self.cache.info["image_size"], self.cache.latent_shape
+        if len(shape) == 3 and shape[1:] == (size, size) and size != h:
+            return shape[0], size // h
+        return None, 1
+
     @torch.no_grad()
     def _control_latents(self) -> torch.Tensor:
-        """(N, C, h, w): the field as is when it holds latents, else masks through the cache's VAE."""
+        """(N, C, h, w): the field as is when it holds latents or pixel-grid channels (kept as
+        stored, e.g. uint8, and made float per batch), else masks through the cache's VAE."""
         from pixgen.models.controlnet import mask_to_pixels
 
         name, (c, h, w) = self.cfg.control_field, self.cache.latent_shape
         values = torch.from_numpy(self.cache.array(name))
         if tuple(values.shape[1:]) == (c, h, w):
             return values.float()
+        if self._pixel_control()[0] is not None:
+            return values
         size = self.cache.info["image_size"]
         if tuple(values.shape[1:]) != (size, size):
             raise InputError(f"cache field {name!r} holds {tuple(values.shape[1:])} per tile: neither masks "
@@ -88,7 +109,7 @@ class ControlNetTask(GeneratorTask):
                           for i in range(0, len(values), 64)])
 
     def loss(self, model, batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        x0, cond, control = batch["latents"], batch["condition"], batch["control"]
+        x0, cond, control = batch["latents"], batch["condition"], batch["control"].float()
         drop = (torch.rand(x0.shape[0], generator=generator) < self.cfg.cfg_dropout).to(x0.device)
 
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""Mask adherence scores: an oracle segmenter scores 1, a blind one scores near 0, folders read as written."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from metrics.adherence import relative, score_folder, score_pairs
+
+
+def _pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose dark discs are exactly the mask's nuclei."""
+    rng = np.random.default_rng(seed)
+    inst = np.zeros((32, 32), np.uint16)
+    yy, xx = np.mgrid[:32, :32]
+    for k, (y, x) in enumerate(np.array([(8, 8), (8, 24), (24, 16)]) + rng.integers(-2, 3, (3, 2)), start=1):
+        inst[(yy - y) ** 2 + (xx - x) ** 2 < 9] = k  # separate discs
+    image = np.full((32, 32, 3), 220, np.uint8)
+    image[inst > 0] = 60
+    return image, inst
+
+
+def _dark(image: np.ndarray) -> np.ndarray:
+    from skimage.measure import label
+
+    return label(image[..., 0] < 128, connectivity=1)
+
+
+def test_an_oracle_scores_one_and_a_blind_segmenter_zero():
+    images, masks = zip(*[_pair(s) for s in range(6)])
+    good = score_pairs(_dark, list(images), list(masks), n_boot=20)
+    assert good["dice"]["value"] == 1.0 and good["aji"]["value"] == 1.0 and good["n"] == 6
+    shifted = score_pairs(lambda im: _dark(np.roll(im, 16, axis=1)), list(images), list(masks), n_boot=20)
+    assert shifted["dice"]["value"] < 0.3 and shifted["aji"]["value"] < 0.3
+    assert relative(0.6, 0.2, 0.7) == 0.8 and np.isnan(relative(0.5, 0.5, 0.5))
+
+
+def test_score_folder_reads_a_paired_set(tmp_path):
+    for sub in ("images", "inst"):
+        (tmp_path / sub).mkdir()
+    for s in range(3):
+        image, inst = _pair(s)
+        Image.fromarray(image).save(tmp_path / "images" / f"t{s}.png")
+        Image.fromarray(inst).save(tmp_path / "inst" / f"t{s}.png")
+    assert score_folder(_dark, tmp_path, n_boot=10)["dice"]["value"] == 1.0
