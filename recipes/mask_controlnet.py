@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixgen.io import load_rgb, write_json_atomic
+from pixgen.io import write_json_atomic
 from pixgen.masks import downsample_layout, encode_masks
 
 __all__ = ["main", "train_layouts", "MaskTiles"]

@@ -1,18 +1,17 @@
 """Measure a mask model's adherence on held-out masks: one resumable command.
 
     nice -n 19 python -m recipes.mask_eval --data ../shared/data --mask-model runs/masks/export \\
-        --work runs/masks/eval [--model pixgen/weights/pixgen-default] [--tiles 32] [--seg-steps 300]
+        --work runs/masks/eval [--model pixgen/weights/pixgen-default] [--tiles 32]
 
 Stages (each skipped when its output exists):
 
 1. ``real``      every k-th CoNSeP *test* tile at 128 px / 0.5 um/px (image LANCZOS, masks
                  nearest-neighbour) as ``images/ inst/ types/``                  -> WORK/real
-2. ``segmenter`` ``metrics.segmentation.TinyUNet`` trained on the CoNSeP + MoNuSeg *train* tiles
-                 at the same scale (the stand-in until the bundled nuclei segmenter lands) -> WORK/segmenter.pt
-3. ``gen`` / ``floor``  paired sets from the real masks with the ControlNet on / off (same seeds,
+2. ``gen`` / ``floor``  paired sets from the real masks with the ControlNet on / off (same seeds,
                  same ``consep`` bank draws)                                      -> WORK/gen, WORK/floor
-4. ``scores``    Dice / AJI of the segmenter on real (ceiling), gen and floor   -> WORK/scores.json
-5. ``sheet``     mask | generated | no mask | real for 6 tiles                   -> WORK/sheet.png
+3. ``scores``    Dice / AJI of the bundled nuclei segmenter (``metrics.nuclei``, trained on the
+                 CoNSeP + MoNuSeg train tiles at 0.5 um/px) on real (ceiling), gen and floor -> WORK/scores.json
+4. ``sheet``     mask | generated | no mask | real for 6 tiles                   -> WORK/sheet.png
 """
 
 from __future__ import annotations
@@ -49,24 +48,6 @@ def _write_real(data: Path, out: Path, tiles: int) -> Path:
         save_png(types.astype(np.uint8), tmp / "types" / f"{s['image_id']}.png")
     tmp.rename(out)
     return out
-
-
-def _segmenter(data: Path, path: Path, steps: int):
-    from metrics.segmentation import MaskSet, TinyUNet, train_segmenter
-    from pixgen.masks import downsample_layout
-    from recipes.mask_controlnet import train_layouts
-
-    if path.is_file():
-        model = TinyUNet()
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    images, insts = [], []
-    for it in train_layouts(data):
-        images.append(np.asarray(Image.fromarray(it["image"]).resize((128, 128), Image.LANCZOS)))
-        insts.append(downsample_layout(it["inst"], None, 2)[0].astype(np.int64))
-    model = train_segmenter(MaskSet(images, insts, [""] * len(images)), steps=steps, crop=96)
-    torch.save(model.state_dict(), path)
-    return model
 
 
 def _generate(model: Path, mask_model: Path, real: Path, out: Path, scale: float, steps: int | None) -> Path:
@@ -109,16 +90,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--model", type=Path, default=Path(__file__).parents[1] / "pixgen" / "weights" / "pixgen-default")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--tiles", type=int, default=32)
-    p.add_argument("--seg-steps", type=int, default=300)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from metrics.adherence import relative, score_folder, tiny_unet_segmenter
+    from metrics.adherence import relative, score_folder
+    from metrics.nuclei import NucleiSegmenter
 
     a.work.mkdir(parents=True, exist_ok=True)
     real = _write_real(a.data, a.work / "real", a.tiles)
-    segment = tiny_unet_segmenter(_segmenter(a.data, a.work / "segmenter.pt", a.seg_steps))
+    segmenter = NucleiSegmenter.load()  # images are at its 0.5 um/px
+
+    def segment(image: np.ndarray) -> np.ndarray:
+        return segmenter.instances([image])[0]
+
     gen = _generate(a.model, a.mask_model, real, a.work / "gen", 1.0, a.steps)
     floor = _generate(a.model, a.mask_model, real, a.work / "floor", 0.0, a.steps)
     scores = {name: score_folder(segment, folder) for name, folder in

@@ -3,7 +3,6 @@ every kind of bad input; the mask-encoder ControlNet (shapes, zero start, PixCel
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
