@@ -105,7 +105,7 @@ def parse_colours(items: list[str]) -> dict[tuple[int, int, int], str]:
 
 
 def _layout(args: argparse.Namespace, gen):
-    from pixgen.conditioning import BankDraw, Reference
+    from pixgen.conditioning import Reference, from_keywords
     from pixgen.large import layout_from_condition, layout_from_label_map, layout_from_slide
 
     size = parse_size(args.size) if args.size else None
@@ -120,7 +120,7 @@ def _layout(args: argparse.Namespace, gen):
                                      cell_pixels=args.cells_per_pixel, seed=args.seed), None, size
     if size is None:
         raise InputError("--label / --reference need --size", fix="e.g. --size 2048 or --size 2048x1024")
-    cond = BankDraw(args.label) if args.label else Reference([args.reference])
+    cond = from_keywords(gen, label=args.label) if args.label else Reference([args.reference])  # prior if the model has one
     return layout_from_condition(gen, cond, *size, period=args.period, seed=args.seed), None, size
 
 

@@ -10,8 +10,8 @@ window (the whole window for 1-token models; a quarter of it for PixCell-1024's 
 * :func:`layout_from_condition`: one condition (a label's bank draws, a reference) drawn at
   anchors every ``period`` cells and slerped between neighbouring anchors (smooth variation).
 * :func:`layout_from_label_map`: a small image whose colours name labels; each connected region
-  gets one condition from ``region_condition(label)`` (a :class:`~pixgen.conditioning.BankDraw`
-  now; a class prior's condition once one exists: that argument is the hook).
+  gets one condition from ``region_condition(label)``: by default what ``generate(label=...)``
+  uses (the model's prior when it has one, else a bank draw).
 
 **Sampling** (:func:`sample_canvas`). The canvas latents are denoised by the one sampler,
 :func:`pixgen.sampling.sample`, with its ``predict`` hook: at each step every window of the model's
@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pixgen.conditioning import BankDraw, Condition
+from pixgen.conditioning import Condition
 from pixgen.errors import InputError
 from pixgen.io.atomic import write_bytes_atomic, write_json_atomic
 from pixgen.io.ome import RawCanvas, tiff_bytes_estimate, write_png, write_pyramid_tiff
@@ -200,20 +200,23 @@ def layout_from_condition(gen: Generator, condition: Condition, height: int, wid
 
 def layout_from_label_map(gen: Generator, label_map: Any, colours: dict[tuple[int, int, int], str], *,
                           cell_pixels: int = 1, seed: int = 0,
-                          region_condition: Callable[[str], Condition] = BankDraw) -> Layout:
+                          region_condition: Callable[[str], Condition] | None = None) -> Layout:
     """A layout from a small image whose colours name labels; each map pixel becomes
     ``cell_pixels`` x ``cell_pixels`` cells of the model's window (or window part).
 
     Each connected region of one colour gets one condition, ``region_condition(label)`` resolved
-    with its own seed (``BankDraw`` now; a class prior's condition plugs in here).
+    with its own seed; by default the model's prior for that label when it has one, else a bank
+    draw (as ``generate(label=...)``); pass ``BankDraw`` to force bank draws.
 
     Example:
         >>> layout_from_label_map(gen, "map.png", {(255, 0, 0): "lung_aca", (0, 0, 255): "lung_n"})  # doctest: +SKIP
     """
     from scipy import ndimage
 
+    from pixgen.conditioning import from_keywords
     from pixgen.io import load_rgb
 
+    region_condition = region_condition or (lambda label: from_keywords(gen, label=label))
     rgb = load_rgb(label_map) if isinstance(label_map, (str, Path)) else np.asarray(label_map)[..., :3]
     rgb = rgb.repeat(cell_pixels, 0).repeat(cell_pixels, 1)
     cell, _ = _cell_size(gen)

@@ -190,3 +190,20 @@ def test_synth_classes_sample_the_prior_for_labels_and_prompts(model_dir, tmp_pa
     spec.write_text(f'model = "{model_dir}"\n[classes.a]\ncount = 1\nprompt = "alpha"\nfrom_bank = true\n')
     with pytest.raises(InputError, match="from_bank: only applies to a label"):
         load_spec(spec)
+
+
+def test_large_image_label_maps_sample_the_prior_per_region(gen):
+    from pixgen.large import layout_from_label_map
+
+    label_map = np.zeros((2, 3, 3), np.uint8)
+    label_map[:, 0] = (255, 0, 0)  # region 1: A (left column)
+    label_map[:, 1:] = (0, 0, 255)  # region 2: B
+    layout = layout_from_label_map(gen, label_map, {(255, 0, 0): "A", (0, 0, 255): "B"}, seed=5)
+    grid = layout.grid.reshape(2, 3, -1)
+    a = PriorSample(label="A").resolve(gen, [5]).values[0, 0]
+    b = PriorSample(label="B").resolve(gen, [6]).values[0, 0]
+    assert torch.allclose(grid[0, 0], a) and torch.allclose(grid[1, 0], a)
+    assert torch.allclose(grid[0, 2], b) and not torch.allclose(a, b)
+    bank = layout_from_label_map(gen, label_map, {(255, 0, 0): "tumour", (0, 0, 255): "stroma"}, seed=5,
+                                 region_condition=BankDraw)
+    assert torch.allclose(bank.grid.reshape(2, 3, -1)[0, 0], BankDraw("tumour").resolve(gen, [5]).values[0, 0])
