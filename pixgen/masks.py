@@ -213,7 +213,8 @@ def _read(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise InputError(f"mask file not found: {path}") from None
     except OSError as err:
-        raise InputError(f"cannot read mask {path}: {err}") from None
+        raise InputError(f"cannot read mask {path}: {err}",
+                         fix="pass an integer PNG/TIFF mask (instance ids, class ids, palette colours or 0/255)") from None
 
 
 def _gray(arr: np.ndarray, path: Path) -> np.ndarray:

@@ -286,3 +286,5 @@ def test_cli_twin_of_a_slide(tmp_path, shared_data):
     bad = ["large", "--model", str(model), "--from-slide", str(slide), "--region", "0,0,99999,70", "--out",
            str(tmp_path / "b.ome.tiff")]
     assert main(bad) == 1 and not (tmp_path / "b.ome.tiff").exists()
+    assert main(["large", "--model", str(model), "--label", "tumour", "--out", str(tmp_path / "c.ome.tiff")]) == 1
+    assert not (tmp_path / "c.ome.tiff").exists()  # a label layout needs --size: refused, nothing written

@@ -128,6 +128,9 @@ def test_bad_files(tmp_path):
         load_layout(tmp_path / "c.png", "binary")
     with pytest.raises(InputError, match="not found"):
         load_layout(tmp_path / "missing.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read mask .*junk.png.*fix: pass an integer PNG"):
+        load_layout(tmp_path / "junk.png")
 
 
 def test_consep_folder(shared_data):
