@@ -17,7 +17,8 @@ sampler settings, the output layout and a seed::
     [classes.lung_aca]
     count = 64
     label = "lung_aca"                   # or reference = "refs/aca/", embeddings = "e.safetensors",
-                                         # prompt = "...", masks = "masks/"
+                                         # prompt = "...", masks = "masks/" or "sampled:consep"
+                                         # (masks may come with a label; layout "segmentation")
 
 Determinism: image ``i`` of class ``c`` has the seed :func:`image_seed` ``(seed, c, i)``, and
 the images are generated in fixed batches (``batch_size`` consecutive images of one class), so
@@ -71,7 +72,7 @@ __all__ = [
 CONDITION_KINDS = ("label", "reference", "embeddings", "prompt", "masks")
 LAYOUTS = ("imagefolder", "segmentation")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TOP_KEYS = {"seed", "model", "sampler", "output", "classes"}
+_TOP_KEYS = {"seed", "model", "mask_model", "sampler", "output", "classes"}
 _CLASS_KEYS = {"count", "from_bank", *CONDITION_KINDS}
 _SAMPLER_KEYS = {"steps", "guidance", "batch_size", "device", "dtype"}
 _OUTPUT_KEYS = {"layout"}
@@ -83,7 +84,8 @@ MAX_ATTEMPTS = 4  # --reject-near-copies: regenerations per image before it is k
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ClassSpec:
-    """One class of the set: its folder ``name``, ``count`` images and one condition source."""
+    """One class of the set: its folder ``name``, ``count`` images and one condition source
+    (``masks`` may come with a ``label``: the tissue the layouts are generated as)."""
 
     name: str
     count: int
@@ -96,6 +98,8 @@ class ClassSpec:
 
     @property
     def kind(self) -> str:
+        if self.masks is not None:
+            return "masks"
         return next(k for k in CONDITION_KINDS if getattr(self, k) is not None)
 
     @property
@@ -132,11 +136,13 @@ class SynthSpec:
     output: OutputSpec = field(default_factory=OutputSpec)
     source: str = "spec"
     root: str = "."
+    mask_model: str | None = None  # a mask model folder; None: the bundled one when the model has no ControlNet
 
     def to_dict(self) -> dict[str, Any]:
         """The spec's content (no file location): what its hash covers."""
-        return {"model": self.model, "seed": self.seed, "sampler": asdict(self.sampler), "output": asdict(self.output),
-                "classes": [asdict(c) for c in self.classes]}
+        d = {"model": self.model, "seed": self.seed, "sampler": asdict(self.sampler), "output": asdict(self.output),
+             "classes": [asdict(c) for c in self.classes]}
+        return d if self.mask_model is None else {**d, "mask_model": self.mask_model}  # older specs keep their hash
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -205,6 +211,7 @@ def parse_spec(text: str, source: str = "spec", root: str | Path = ".") -> Synth
     ck = _Checker(text, source)
     ck.unknown(data, _TOP_KEYS, [])
     model = ck.typed(data, "model", str, [], "bundled")
+    mask_model = ck.typed(data, "mask_model", str, [])
     seed = ck.typed(data, "seed", int, [], 0)
     sampler_t, output_t = data.get("sampler", {}), data.get("output", {})
     for name, table, allowed in (("sampler", sampler_t, _SAMPLER_KEYS), ("output", output_t, _OUTPUT_KEYS)):
@@ -238,8 +245,12 @@ def parse_spec(text: str, source: str = "spec", root: str | Path = ".") -> Synth
         bad = next(c for c in classes if c.kind != "masks")
         raise ck.fail(["classes", bad.name, bad.kind], "the segmentation layout needs a mask source per class",
                       fix='give masks = "..." or use layout = "imagefolder"')
+    if layout != "segmentation" and any(c.kind == "masks" for c in classes):
+        bad = next(c for c in classes if c.kind == "masks")
+        raise ck.fail(["classes", bad.name, "masks"], "a masks class needs the segmentation layout (its masks are written)",
+                      fix='add [output] layout = "segmentation"')
     return SynthSpec(model=model, classes=classes, seed=seed, sampler=sampler, output=OutputSpec(layout),
-                     source=source, root=str(root))
+                     source=source, root=str(root), mask_model=mask_model)
 
 
 def _parse_class(ck: _Checker, name: str, table: Any) -> ClassSpec:
@@ -255,13 +266,15 @@ def _parse_class(ck: _Checker, name: str, table: Any) -> ClassSpec:
     if count < 1:
         raise ck.fail([*keys, "count"], f"must be >= 1, got {count}")
     given = [k for k in CONDITION_KINDS if k in table]
-    if len(given) != 1:
-        raise ck.fail(keys, f"give exactly one condition source of {', '.join(CONDITION_KINDS)}, got {given or 'none'}")
-    ck.typed(table, given[0], str, keys)
+    if len(given) != 1 and given != ["label", "masks"]:  # a masks class may name its tissue label
+        raise ck.fail(keys, f"give exactly one condition source of {', '.join(CONDITION_KINDS)} (or masks with a label), "
+                      f"got {given or 'none'}")
+    for k in given:
+        ck.typed(table, k, str, keys)
     from_bank = ck.typed(table, "from_bank", bool, keys, False)
     if from_bank and given[0] != "label":
         raise ck.fail([*keys, "from_bank"], "only applies to a label", fix="remove it, or use label = \"...\"")
-    return ClassSpec(name=name, count=count, from_bank=from_bank, **{given[0]: table[given[0]]})
+    return ClassSpec(name=name, count=count, from_bank=from_bank, **{k: table[k] for k in given})
 
 
 def load_spec(path: str | Path) -> SynthSpec:
@@ -343,7 +356,8 @@ def plan_batches(spec: SynthSpec) -> list[Batch]:
 class _ClassConditions:
     """Condition tokens and records for one class: label or prompt -> a prior sample per image seed
     (a label: a bank draw instead when the model has no prior or the class says ``from_bank``);
-    reference folder -> image i uses reference ``i mod n``; embeddings -> row ``i mod N``."""
+    reference folder -> image i uses reference ``i mod n``; embeddings -> row ``i mod N``; masks ->
+    a label's tokens (bank draws from all labels without one) and layout i (:class:`_MaskSource`)."""
 
     def __init__(self, spec: SynthSpec, c: ClassSpec, gen: Generator):
         from pixgen.embeddings import load_embeddings
@@ -354,12 +368,14 @@ class _ClassConditions:
         self.prior: PriorSample | None = None
         self.ids: list[str] = []
         self.hashes: dict[str, str] = {}
+        self.masks: _MaskSource | None = None
         where = f"{spec.source}: classes.{c.name}.{c.kind}"
-        if c.kind == "masks" or (c.kind == "prompt" and gen.prior is None):
-            what = "text prior" if c.kind == "prompt" else "mask source"
-            raise InputError(f"{where}: {c.kind} conditions are not available in this model (it has no {what})",
+        if c.kind == "prompt" and gen.prior is None:
+            raise InputError(f"{where}: prompt conditions are not available in this model (it has no text prior)",
                              fix="use label, reference or embeddings for this class")
-        if c.kind == "prompt" or (c.kind == "label" and gen.prior is not None and not c.from_bank):
+        if c.kind == "masks":
+            self.masks = _MaskSource(spec, c, gen, where)
+        if c.kind == "prompt" or (c.label is not None and gen.prior is not None and not c.from_bank):
             from pixgen.conditioning import PriorSample
 
             try:
@@ -367,12 +383,12 @@ class _ClassConditions:
             except InputError as err:
                 raise InputError(f"{where}: {err.message}", fix=err.fix) from None
             self.prior = PriorSample(label=c.label, prompt=c.prompt)
-        elif c.kind == "label":
+        elif c.kind in ("label", "masks"):
             bank = gen.embedding_bank
             if bank is None:
                 raise InputError(f"{where}: this model has no embedding bank, so labels cannot be used",
                                  fix="use reference or embeddings for this class")
-            if c.label not in bank.labels:
+            if c.label is not None and c.label not in bank.labels:
                 raise InputError(f"{where}: unknown label {c.label!r}", fix=f"use one of: {', '.join(bank.labels)}")
         elif c.kind == "reference":
             folder = spec.path(c.reference)
@@ -397,16 +413,63 @@ class _ClassConditions:
         c = self.c
         if self.prior is not None:
             drawn = self.prior.resolve(self.gen, list(seeds))
-            label = c.label if c.kind == "label" else c.name
+            label = c.label if c.label is not None else c.name
             return drawn, [{"kind": "prior", "id": i, "label": label, "reference_sha256": None} for i in drawn.ids]
-        if self.fixed is None:
+        if self.fixed is None:  # a label's bank draws; a masks class without a label: all labels pooled
             drawn = self.gen.embedding_bank.draw(c.label, list(seeds))
-            return drawn, [{"kind": "label", "id": i, "label": c.label, "reference_sha256": None} for i in drawn.ids]
+            return drawn, [{"kind": "label" if c.label else "bank", "id": i, "label": c.label or i.rsplit("[", 1)[0],
+                            "reference_sha256": None} for i in drawn.ids]
         rows = [i % len(self.fixed) for i in indices]
         emb = Embeddings(self.fixed.values[rows], encoder=self.fixed.encoder, domain=self.fixed.domain,
                          ids=[self.ids[r] for r in rows])
         return emb, [{"kind": c.kind, "id": self.ids[r], "label": c.name, "reference_sha256": self.hashes.get(self.ids[r])}
                      for r in rows]
+
+
+class _MaskSource:
+    """Layout ``i`` of a masks class at the model's image size: file ``i mod n`` of a mask file or
+    folder (:func:`pixgen.masks.load_layouts`), or ``sampled:TISSUE``: the mask sampler drawn with
+    image ``i``'s seed (attempt 0, so a regenerated near-copy keeps its layout)."""
+
+    def __init__(self, spec: SynthSpec, c: ClassSpec, gen: Generator, where: str):
+        from pixgen.mask_sampler import MaskSampler
+        from pixgen.masks import fit_layout, load_layouts
+
+        self.spec, self.c, self.size = spec, c, gen.config["image_size"]
+        self.layouts: list[Any] = []
+        self.sampler: MaskSampler | None = None
+        if gen.controlnet is None or getattr(gen.controlnet, "mask_encoder", None) is None:
+            raise InputError(f"{where}: this model has no mask ControlNet",
+                             fix='give mask_model = "DIR" (a mask model, docs/masks.md) at the top of the spec')
+        try:
+            if c.masks.startswith("sampled:"):
+                self.sampler = MaskSampler.from_json(_mask_model_dir(spec) / "mask_stats.json", c.masks.split(":", 1)[1])
+            else:
+                self.layouts = [fit_layout(lay, self.size) for lay in load_layouts(spec.path(c.masks))]
+        except InputError as err:
+            raise InputError(f"{where}: {err.message}", fix=err.fix) from None
+
+    def layout(self, index: int) -> Any:
+        from pixgen.masks import fit_layout
+
+        if self.sampler is not None:
+            return fit_layout(self.sampler.sample(image_seed(self.spec.seed, self.c.name, index)), self.size)
+        return self.layouts[index % len(self.layouts)]
+
+
+def _mask_model_dir(spec: SynthSpec) -> Path:
+    from pixgen.masks import BUNDLED_MASK_MODEL
+
+    return spec.path(spec.mask_model) if spec.mask_model else BUNDLED_MASK_MODEL
+
+
+def _attach_mask_model(spec: SynthSpec, gen: Generator) -> None:
+    """A spec with masks classes: the spec's ``mask_model``, else the bundled one when the model
+    has no ControlNet (as ``pixgen generate --mask`` does)."""
+    from pixgen.masks import attach_mask_model
+
+    if any(c.kind == "masks" for c in spec.classes) and (spec.mask_model or gen.controlnet is None):
+        attach_mask_model(gen, _mask_model_dir(spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +546,7 @@ def build_set(spec: SynthSpec, out: str | Path, *, rejecter: Callable[[Generator
     gen, model_name, root = _load_model(spec, str(state.device) if spec.sampler.device == "cuda" else None)
     if held is not None:
         _check_same_model(out, held, model_name, root)
+    _attach_mask_model(spec, gen)
     conds = [_ClassConditions(spec, c, gen) for c in spec.classes]  # refuses bad classes before any write
     flags = rejecter(gen) if rejecter is not None else None
     layout = Layout(spec.output.layout)
@@ -568,6 +632,8 @@ def _generate_batch(spec: SynthSpec, gen: Generator, cond: _ClassConditions, lay
                 again.append(i)
         pending = again
     for i in b.indices:
+        if cond.masks is not None:  # before the image: a file that exists means its masks do too
+            _save_masks(out, layout.masks(name, i), cond.masks.layout(i))
         _save(out, layout.image(name, i), images[i], {"class": name, "index": i, "spec_sha256": spec.sha256(), **records[i]})
 
 
@@ -581,7 +647,8 @@ def _sample(spec: SynthSpec, gen: Generator, cond: _ClassConditions, indices: li
     tokens, records = cond.tokens(indices, seeds)
     shape = gen._latent_shape(None, None)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    result = gen.generate(RawEmbeddings(tokens), num_images=1, latents=noise, batch_size=len(indices),
+    control = None if cond.masks is None else [cond.masks.layout(i) for i in indices]  # one per image of this batch
+    result = gen.generate(RawEmbeddings(tokens), num_images=1, latents=noise, batch_size=len(indices), control_image=control,
                           num_inference_steps=spec.sampler.steps, guidance_scale=spec.sampler.guidance,
                           output_type="pil", progress=False)
     return result.images, records
@@ -597,6 +664,22 @@ def _save(out: Path, rel: str, image: Any, record: dict[str, Any]) -> None:
         save_png(image, path, provenance=record)
     except OSError as err:
         raise _write_failed(path, err) from None
+
+
+def _save_masks(out: Path, rels: tuple[str, str] | None, lay: Any) -> None:
+    """The layout's instance map (uint16) and class map (uint8; 0 without classes), atomically."""
+    import numpy as np
+
+    from pixgen.io import save_png
+
+    types = lay.types if lay.types is not None else np.zeros(lay.shape, np.uint8)
+    for rel, arr in zip(rels or (), (lay.inst.astype(np.uint16), types.astype(np.uint8))):
+        path = out / rel
+        if not path.is_file():
+            try:
+                save_png(arr, path)
+            except OSError as err:
+                raise _write_failed(path, err) from None
 
 
 def _write(path: Path, write: Callable[[Any], Any]) -> str:
@@ -626,8 +709,9 @@ def _finish(out: Path, spec: SynthSpec, gen: Generator, conds: list[_ClassCondit
         for r in records:
             rejected += r["attempts"] - 1
             kept_flagged += int(r["near_copy"])
+            inst = (layout.masks(c.name, r["index"]) or (None,))[0] if c.kind == "masks" else None
             entries.append(ImageEntry(layout.image(c.name, r["index"]), r["seed"],
-                                      Condition(r["kind"], r["id"], r["label"], r["reference_sha256"])))
+                                      Condition(r["kind"], r["id"], r["label"], r["reference_sha256"]), inst))
         tokens, _ = cond.tokens(range(c.count), [r["seed"] for r in records])
         values.append(tokens.values)
         sheet = contact_sheet([load_image(out / layout.image(c.name, i)) for i in range(min(c.count, 64))])

@@ -20,7 +20,8 @@ from pixgen.models.transformer import PixgenTransformer
 from pixgen.pipeline import Generator
 
 __all__ = [
-    "tiny_transformer", "tiny_autoencoder", "tiny_encoder", "tiny_generator", "save_tiny_model", "TINY_ENCODER_DIM",
+    "tiny_transformer", "tiny_autoencoder", "tiny_encoder", "tiny_generator", "save_tiny_model", "save_tiny_mask_model",
+    "TINY_ENCODER_DIM",
     "PIXCELL_256_TRANSFORMER", "PIXCELL_1024_TRANSFORMER", "PIXCELL_CONTROLNET_TRANSFORMER", "PIXCELL_CONTROLNET",
     "PIXCELL_SCHEDULER", "PIXCELL_MODEL_INDEX", "PIXCELL_CONTROLNET_MODEL_INDEX",
 ]
@@ -90,6 +91,32 @@ def tiny_generator(seed: int = 0, encoder: bool = True, bank: bool = True, **tra
 def save_tiny_model(directory: str | Path, seed: int = 0, **kwargs) -> Path:
     """Write a tiny Generator directory that ``pixgen generate --model DIR`` loads."""
     return tiny_generator(seed, **kwargs).save_pretrained(directory)
+
+
+def save_tiny_mask_model(directory: str | Path, layouts: list[dict[str, Any]], factor: int = 1, mpp: float = 2.0,
+                         seed: int = 0) -> Path:
+    """A mask model for :func:`tiny_generator` in ``directory`` (what ``--mask-model`` and a synth
+    spec's ``mask_model`` read): a mask ControlNet whose input weights are not zero, so the masks
+    reach the images, and ``mask_stats.json`` fitted on ``layouts`` (dicts with ``inst``,
+    ``types``, ``tissue``) downsampled by ``factor`` to the tiny image size (32 px).
+
+    Example:
+        >>> inst = np.zeros((32, 32), np.uint16); inst[4:12, 4:12] = 1                             # doctest: +SKIP
+        >>> save_tiny_mask_model(tmp / "mm", [{"inst": inst, "types": None, "tissue": "consep"}])  # doctest: +SKIP
+    """
+    from pixgen.io import write_json_atomic
+    from pixgen.mask_sampler import fit_stats
+    from pixgen.models.controlnet import PixgenControlNet
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    cn = PixgenControlNet.from_transformer(tiny_generator(seed).transformer, 1, conditioning_channels=6,
+                                           conditioning_downsample=4)
+    for p in (cn.cond_pos_embed.proj.weight, cn.controlnet_blocks[0].weight):
+        torch.nn.init.normal_(p, std=0.05)  # not zero: the masks must reach the images
+    cn.save_pretrained(directory / "controlnet")
+    write_json_atomic(directory / "mask_stats.json", fit_stats(layouts, factor=factor, size=32, mpp=mpp))
+    return directory
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,33 +6,23 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pixgen.cli import main
-from pixgen.io import write_json_atomic
-from pixgen.models.controlnet import PixgenControlNet
-from pixgen.testing import save_tiny_model, tiny_generator
+from pixgen.testing import save_tiny_mask_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, shared_data):
     """A tiny 32 px generator and a mask model for it (random mask ControlNet + statistics of
     CoNSeP train tiles at 32 px)."""
-    from pixgen.mask_sampler import fit_stats
     from training.data.masks import CoNSePDataset
 
     root = tmp_path_factory.mktemp("maskcli")
     base = save_tiny_model(root / "base")
-    torch.manual_seed(0)
-    cn = PixgenControlNet.from_transformer(tiny_generator().transformer, 1, conditioning_channels=6,
-                                           conditioning_downsample=4)
-    for p in (cn.cond_pos_embed.proj.weight, cn.controlnet_blocks[0].weight):
-        torch.nn.init.normal_(p, std=0.05)  # not zero: the masks must reach the images
-    cn.save_pretrained(root / "mm" / "controlnet")
     ds = CoNSePDataset(shared_data / "consep", "train")
     items = [{"inst": s["inst"], "types": s["types"], "tissue": "consep"} for s in (ds[i] for i in range(0, 432, 40))]
-    write_json_atomic(root / "mm" / "mask_stats.json", fit_stats(items, factor=8, size=32, mpp=2.0))
+    save_tiny_mask_model(root / "mm", items, factor=8)
     return base, root / "mm"
 
 

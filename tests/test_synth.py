@@ -153,17 +153,104 @@ def test_reference_and_embeddings_classes(tmp_path, model):
 
 
 # ---------------------------------------------------------------------------------------------
+# Masks classes (segmentation layout)
+# ---------------------------------------------------------------------------------------------
+_SEG = '[output]\nlayout = "segmentation"\n'
+
+
+def _layouts(k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` 32 px layouts: two touching nuclei each (shifted), classes 1..3."""
+    out = []
+    for j in range(k):
+        inst = np.zeros((32, 32), np.uint16)
+        inst[4:12, 4 + j:12 + j], inst[14:24, 12 + j:20 + j] = 1, 2
+        out.append((inst, np.where(inst > 0, 1 + j % 3, 0).astype(np.uint8)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mask_model(tmp_path_factory) -> Path:
+    from pixgen.testing import save_tiny_mask_model
+
+    items = [{"inst": i, "types": t, "tissue": "consep"} for i, t in _layouts(6)]
+    return save_tiny_mask_model(tmp_path_factory.mktemp("synth-masks") / "mm", items)
+
+
+def test_masks_classes_from_a_folder_and_sampled(tmp_path, model, mask_model):
+    from PIL import Image
+
+    from pixgen.mask_sampler import MaskSampler
+    from pixgen.masks import fit_layout
+
+    for k, (inst, types) in enumerate(_layouts(2)):
+        for folder, arr in (("inst", inst), ("types", types)):
+            (tmp_path / "masks" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "masks" / folder / f"m{k}.png")
+    path = tmp_path / "s.toml"
+    path.write_text(f'model = "{model}"\nmask_model = "{mask_model}"\nseed = 7\n[sampler]\nsteps = 2\nbatch_size = 2\n'
+                    f'{_SEG}[classes.a]\ncount = 3\nmasks = "masks"\nlabel = "tumour"\n'
+                    '[classes.b]\ncount = 2\nmasks = "sampled:consep"\n')
+    out = tmp_path / "out"
+    m = build_set(load_spec(path), out, progress=False)
+    names = ["a_00000.png", "a_00001.png", "a_00002.png", "b_00000.png", "b_00001.png"]
+    for folder in ("images", "inst", "types"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == names
+
+    def read(rel: str) -> np.ndarray:
+        return np.asarray(Image.open(out / rel))
+
+    for i in range(3):  # image i of a folder class uses layout i mod n
+        inst, types = _layouts(2)[i % 2]
+        assert read(f"inst/a_{i:05d}.png").dtype == np.uint16 and np.array_equal(read(f"inst/a_{i:05d}.png"), inst)
+        assert np.array_equal(read(f"types/a_{i:05d}.png"), types)
+    sampler = MaskSampler.from_json(mask_model / "mask_stats.json", "consep")
+    for i in range(2):  # a sampled class: the sampler at the image's own seed
+        want = fit_layout(sampler.sample(image_seed(7, "b", i)), 32)
+        assert np.array_equal(read(f"inst/b_{i:05d}.png"), want.inst)
+    assert [e.control_image for e in m.files] == [f"inst/{n}" for n in names]
+    assert [e.condition.label for e in m.files[:3]] == ["tumour"] * 3 and m.files[3].condition.kind == "bank"
+    assert m.spec["classes"]["a"] == {"count": 3, "kind": "masks", "source": "masks"}
+    # a rerun writes nothing new
+    pairs = [p for f in ("images", "inst", "types") for p in sorted((out / f).iterdir())]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in pairs}
+    build_set(load_spec(path), out, progress=False)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in pairs} == before
+    assert sum(1 for _ in out.rglob("*.png")) == len(pairs) + 2  # + the two contact sheets
+    # the masks steer: the same image (seed, label draw) with the other layout differs
+    (tmp_path / "swapped").mkdir()
+    (tmp_path / "masks").rename(tmp_path / "swapped" / "masks")
+    for folder in ("inst", "types"):
+        (tmp_path / "swapped/masks" / folder / "m0.png").rename(tmp_path / "swapped/masks" / folder / "m2.png")
+    (tmp_path / "swapped" / "s.toml").write_text(path.read_text().replace("count = 3", "count = 1"))
+    build_set(load_spec(tmp_path / "swapped" / "s.toml"), tmp_path / "out2", progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out2/inst/a_00000.png")), _layouts(2)[1][0])
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "out2/images/a_00000.png")), read("images/a_00000.png"))
+
+
+def test_a_masks_class_needs_the_segmentation_layout():
+    with pytest.raises(InputError, match="needs the segmentation layout"):
+        parse_spec('[classes.a]\ncount = 2\nmasks = "m"\n', "s.toml")
+    spec = parse_spec(_SEG + '[classes.a]\ncount = 2\nmasks = "m"\nlabel = "consep"\n', "s.toml")
+    assert (spec.classes[0].kind, spec.classes[0].source, spec.classes[0].label) == ("masks", "m", "consep")
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, needle", [
     ('[classes.a]\ncount = 2\nlabel = "lung_aca"\n', "unknown label 'lung_aca'"),
     ('[classes.a]\ncount = 2\nprompt = "adenocarcinoma"\n', "prompt conditions are not available in this model"),
     ('[classes.a]\ncount = 2\nreference = "nothing-here"\n', "no images in"),
-    ('[output]\nlayout = "segmentation"\n[classes.a]\ncount = 2\nmasks = "m"\n', "masks conditions are not available"),
+    (_SEG + '[classes.a]\ncount = 2\nmasks = "nothing-here"\n', "no mask file or folder at"),
+    (_SEG + '[classes.a]\ncount = 2\nmasks = "empty"\n', "no mask images in"),
+    (_SEG + '[classes.a]\ncount = 2\nmasks = "sampled:lung"\n', "no mask statistics for tissue 'lung'"),
+    (_SEG + '[classes.a]\ncount = 2\nmasks = "empty"\nlabel = "lung_aca"\n', "no mask images in"),
+    (_SEG + '[classes.a]\ncount = 2\nmasks = "sampled:consep"\nlabel = "lung_aca"\n', "unknown label 'lung_aca'"),
 ])
-def test_bad_classes_are_refused_before_anything_is_written(tmp_path, model, body, needle):
+def test_bad_classes_are_refused_before_anything_is_written(tmp_path, model, mask_model, body, needle):
+    (tmp_path / "empty").mkdir()
     path = tmp_path / "s.toml"
-    path.write_text(f'model = "{model}"\n{body}')
+    path.write_text(f'model = "{model}"\nmask_model = "{mask_model}"\n{body}')
     with pytest.raises(InputError, match=needle):
         build_set(load_spec(path), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
