@@ -8,8 +8,7 @@ segmenter can reach) and the **floor** (images generated from the same masks wit
 ControlNet off, ``--control-scale 0``: what chance overlap gives).
 
 Example:
-    >>> seg = tiny_unet_segmenter(train_segmenter(load_mask_folder("tiles/train"), steps=300))  # doctest: +SKIP
-    >>> score_folder(seg, "pairs/")["dice"]["value"]                                          # doctest: +SKIP
+    >>> score_folder(bundled_segmenter(), "pairs/")["dice"]["value"]    # doctest: +SKIP
     0.61
 """
 
@@ -20,17 +19,21 @@ from typing import Callable
 
 import numpy as np
 
-from metrics.segmentation import aji, dice, instances_from_probability, load_mask_folder, predict_probability
+from metrics.segmentation import aji, dice, load_mask_folder
 from metrics.stats import Estimate, mean_estimate
 
-__all__ = ["score_folder", "score_pairs", "tiny_unet_segmenter", "relative"]
+__all__ = ["score_folder", "score_pairs", "bundled_segmenter", "relative"]
 
 Segmenter = Callable[[np.ndarray], np.ndarray]
 
 
-def tiny_unet_segmenter(model, threshold: float = 0.5, min_size: int = 4) -> Segmenter:
-    """``metrics.segmentation.TinyUNet`` as an image -> instance-map callable."""
-    return lambda image: instances_from_probability(predict_probability(model, image), threshold, min_size)
+def bundled_segmenter() -> Segmenter:
+    """The bundled nuclei segmenter (:class:`metrics.nuclei.NucleiSegmenter`, 0.5 um/px) as an
+    image -> instance-map callable, for images already at its scale."""
+    from metrics.nuclei import NucleiSegmenter
+
+    segmenter = NucleiSegmenter.load()
+    return lambda image: segmenter.instances([image])[0]
 
 
 def score_pairs(segment: Segmenter, images: list[np.ndarray], masks: list[np.ndarray],

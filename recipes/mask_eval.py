@@ -94,16 +94,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from metrics.adherence import relative, score_folder
-    from metrics.nuclei import NucleiSegmenter
+    from metrics.adherence import bundled_segmenter, relative, score_folder
 
     a.work.mkdir(parents=True, exist_ok=True)
     real = _write_real(a.data, a.work / "real", a.tiles)
-    segmenter = NucleiSegmenter.load()  # images are at its 0.5 um/px
-
-    def segment(image: np.ndarray) -> np.ndarray:
-        return segmenter.instances([image])[0]
-
+    segment = bundled_segmenter()  # the tiles are at its 0.5 um/px
     gen = _generate(a.model, a.mask_model, real, a.work / "gen", 1.0, a.steps)
     floor = _generate(a.model, a.mask_model, real, a.work / "floor", 0.0, a.steps)
     scores = {name: score_folder(segment, folder) for name, folder in

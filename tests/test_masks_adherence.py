@@ -43,3 +43,16 @@ def test_score_folder_reads_a_paired_set(tmp_path):
         Image.fromarray(image).save(tmp_path / "images" / f"t{s}.png")
         Image.fromarray(inst).save(tmp_path / "inst" / f"t{s}.png")
     assert score_folder(_dark, tmp_path, n_boot=10)["dice"]["value"] == 1.0
+
+
+def test_the_bundled_segmenter_follows_real_nuclei_and_not_blank_tissue(shared_data):
+    from metrics.adherence import bundled_segmenter
+
+    name = "test_1_000"  # a CoNSeP test tile at 0.25 um/px, brought to the segmenter's 0.5 um/px
+    image = np.asarray(Image.open(shared_data / "consep" / "test" / "images" / f"{name}.jpg").convert("RGB").resize(
+        (128, 128), Image.LANCZOS))
+    inst = np.asarray(Image.open(shared_data / "consep" / "test" / "inst" / f"{name}.png").resize((128, 128), Image.NEAREST))
+    segment = bundled_segmenter()
+    scores = score_pairs(segment, [image, np.full_like(image, 235)], [inst, np.zeros_like(inst)], n_boot=0)
+    assert segment(image).max() > 0 and segment(np.full_like(image, 235)).max() == 0
+    assert scores["dice"]["value"] > 0.3  # one real tile (its segmenter scores Dice 0.76 on the test split)
