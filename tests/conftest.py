@@ -24,3 +24,15 @@ def _seed():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: tiny models run fastest on one thread, and on a
+    shared 2-core machine two OpenMP threads that wait on each other are ~100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

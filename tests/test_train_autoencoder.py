@@ -24,13 +24,7 @@ from training.autoencoder import (
 TINY = dict(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4, crop=32, batch_size=2, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine, two OpenMP threads that wait on each other are ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def make_tiny_data(root: Path, shared: Path, n: int = 3) -> Path:

@@ -18,12 +18,7 @@ from training.presets import PRESETS, TrainConfig, apply_overrides, get_preset
 from training.testing import synthetic_cache, tiny_inputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.mark.parametrize("tokens, out_channels", [(1, 4), (4, 8)])

@@ -32,12 +32,7 @@ def cache(tmp_path_factory, shared_data):
     return tiny_cache(tmp_path_factory.mktemp("engine"), shared_data / "lc25000-lung", per_class=6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 class Killed(Exception):

@@ -21,12 +21,7 @@ from training.testing import tiny_image_folder
 pixcell_tests = pytest.importorskip("test_pixcell", reason="PixCell loader tests not present")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 def test_lora_finetune_of_a_pixcell_checkpoint(tmp_path, shared_data):

@@ -37,13 +37,7 @@ TINY = dict(model_args=TINY_ARGS, global_size=16, local_size=8, n_local=2, batch
             bottleneck=16, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine, two OpenMP threads that wait on each other are ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
