@@ -94,7 +94,7 @@ class DabThresholds:
     """
 
     pixel: float = 0.07
-    bins: tuple[float, float, float] = (0.09, 0.18, 0.27)
+    bins: tuple[float, float, float] = (0.09, 0.25, 0.50)
     min_positive_share: float = 0.10
 
     @property
@@ -724,17 +724,22 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m metrics.staining --deepliif DIR``: validate the DAB quantifier on DeepLIIF fields."""
+    import os
     import platform
+
+    import torch
 
     p = argparse.ArgumentParser(prog="python -m metrics.staining", description=main.__doc__)
     p.add_argument("--deepliif", required=True, help="the ihc-deepliif folder (tiles/*_ihc.jpg + *_seg.png)")
     p.add_argument("--mpp", type=float, default=0.25, help="um/px of the fields (DeepLIIF: 40x, about 0.25)")
     p.add_argument("--radius-um", type=float, default=MATCH_RADIUS_UM, help="centroid matching radius in um")
     p.add_argument("--out", help="folder for validation.json and the DAB overlay pictures")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     v = validate_quantifier(args.deepliif, args.mpp, args.radius_um, overlays=args.out)
     v["run"] = {"command": "python -m metrics.staining " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()} {platform.processor()}".strip()}
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"}
     if args.out:
         from pixgen.io import write_json_atomic
 

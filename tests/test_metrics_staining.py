@@ -80,10 +80,12 @@ def test_positive_nuclei_counted_and_binned(one_thread):
     q = st.quantify_dab(nuclei_tile(5, 15), mpp=0.5)
     assert q.n_nuclei >= 18 and q.n_positive == 5
     assert q.positive_fraction == pytest.approx(5 / q.n_nuclei)
-    assert set(q.nucleus_bin[q.nucleus_bin > 0]) == {3}  # DAB 0.3 is above the 3+ edge
-    assert q.score == "3+" and q.h_score == pytest.approx(100 * 3 * 5 / q.n_nuclei)
+    assert set(q.nucleus_bin[q.nucleus_bin > 0]) == {2}  # DAB 0.3 lies in [0.25, 0.50): 2+
+    assert q.score == "2+" and q.h_score == pytest.approx(100 * 2 * 5 / q.n_nuclei)
     weak = st.quantify_dab(nuclei_tile(5, 15, dab=0.12), mpp=0.5)
     assert weak.n_positive == 5 and weak.score == "1+"
+    strong = st.quantify_dab(nuclei_tile(5, 15), mpp=0.5, thresholds=st.DabThresholds(bins=(0.09, 0.2, 0.28)))
+    assert strong.score == "3+" and strong.n_positive == 5
 
 
 def test_tile_score_needs_a_share_of_positive_nuclei(one_thread):
