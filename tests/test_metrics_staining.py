@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pkgutil
 import re
 import tomllib
 import warnings
@@ -254,7 +255,7 @@ def test_stain_eval_writes_a_report(pair_folders, tmp_path, one_thread, capsys):
     assert rep["agreement"]["positive_area_fraction"]["pearson"]["value"] > 0.9  # same tissue, 4 px off
     assert set(rep["fidelity"]) == {"generated", "baseline: blurred real"} and "FD_random-conv" in rep["fidelity"]["generated"]
     assert rep["he_looking"] == {"generated": [], "real": []}
-    assert "Bland-Altman" in (out / "report.md").read_text()
+    assert "Bland-Altman" in (out / "report.md").read_text() and (out / "bland_altman.png").stat().st_size > 1000
     assert "report:" in capsys.readouterr().out
 
 
@@ -289,3 +290,4 @@ def test_stain_eval_warns_on_he_images(pair_folders, tmp_path, shared_data, one_
 def test_stain_eval_is_registered_as_a_pixgen_command():
     eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["pixgen.commands"]
     assert eps["stain-eval"] == "metrics.staining:add_parser"
+    assert pkgutil.resolve_name(eps["stain-eval"]) is st.add_parser
