@@ -174,9 +174,11 @@ def test_quantifier_f1_on_deepliif_stays_above_floor(deepliif, one_thread):
     assert v["radius_px"] == 16
     assert v["given"]["mean_positive_f1"] >= 0.75
     assert v["leave_one_out"]["mean_positive_f1"] >= 0.62
-    field = {r["field"]: r for r in v["given"]["fields"]}["22_2"]
-    assert field["positive"]["f1"] >= 0.9
-    assert abs(field["positive_fraction"] - field["true_positive_fraction"]) < 0.06
+    fields = {r["field"]: r for r in v["given"]["fields"]}
+    assert fields["22_2"]["positive"]["f1"] >= 0.9
+    assert abs(fields["22_2"]["positive_fraction"] - fields["22_2"]["true_positive_fraction"]) < 0.06
+    # the DAB rule itself on the true nuclei of 34_3 (measured 0.977): its losses there are segmentation's
+    assert fields["34_3"]["true_nuclei"]["f1"] >= 0.9 and fields["34_3"]["true_nuclei"]["tp"] == 21
 
 
 # ---------------------------------------------------------------------------------------------
