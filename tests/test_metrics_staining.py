@@ -293,3 +293,17 @@ def test_stain_eval_is_registered_as_a_pixgen_command():
     eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["pixgen.commands"]
     assert eps["stain-eval"] == "metrics.staining:add_parser"
     assert pkgutil.resolve_name(eps["stain-eval"]) is st.add_parser
+
+
+def test_pixgen_cli_prints_stain_eval_errors_in_one_line(monkeypatch, tmp_path, pair_folders, capsys):
+    """Through `pixgen` itself, with the entry points this checkout declares (the installed
+    metadata may predate them until `pip install -e .`)."""
+    from importlib.metadata import EntryPoint
+
+    import pixgen.cli as cli
+
+    eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["pixgen.commands"]
+    monkeypatch.setattr(cli, "entry_points", lambda group: [EntryPoint(n, v, group) for n, v in eps.items()])
+    code = cli.main(["stain-eval", "--generated", str(tmp_path / "missing"), "--real", str(pair_folders / "real"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("pixgen: error: generated folder not found") and "(fix:" in err and "\n" not in err
