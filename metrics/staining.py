@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -710,8 +709,8 @@ def _fmt(e: Any, scale: float = 1.0) -> str:
 
 def _markdown(rep: dict[str, Any]) -> str:
     cfg = rep["config"]
-    lines = ["# pixgen stain-eval report", "", f"- generated: `{cfg['generated']}`; real: `{cfg['real']}`; {rep['n_pairs']} pairs matched by file name"
-             f" ({len(rep['unpaired']['generated_only'])} generated and {len(rep['unpaired']['real_only'])} real files without a partner)",
+    lines = ["# pixgen stain-eval report", "", (f"- generated: `{cfg['generated']}`; real: `{cfg['real']}`; {rep['n_pairs']} pairs matched by file name"
+             f" ({len(rep['unpaired']['generated_only'])} generated and {len(rep['unpaired']['real_only'])} real files without a partner)"),
              f"- images at {cfg['mpp']} um/px; DAB thresholds {cfg['thresholds']}; bootstrap n={cfg['n_boot']} (95 % intervals in brackets)"]
     lines += [f"- **{len(v)} {k} images look like H&E**: {', '.join(v[:10])}" for k, v in rep["he_looking"].items() if v]
     lines += ["", "## Paired image metrics (generated vs real of the same field, both blurred)", "",
@@ -722,8 +721,8 @@ def _markdown(rep: dict[str, Any]) -> str:
     for k, a in rep["agreement"].items():
         lines.append(f"| {k} | {a['n']} | {_fmt(a['pearson'])} | {_fmt(a['spearman'])} | {_fmt(a['bias'])} | {_fmt(a['loa_low'])} to {_fmt(a['loa_high'])} |")
     s = rep["score_agreement"]
-    lines += ["", "![Bland-Altman plots](bland_altman.png)", "", f"Tile score (0/1+/2+/3+): exact agreement {s['exact']:.3g}, quadratic-weighted kappa {s['quadratic_kappa']:.3g}; "
-              f"confusion (rows real, columns generated): {s['confusion_real_rows_generated_columns']}", ""]
+    lines += ["", "![Bland-Altman plots](bland_altman.png)", "", (f"Tile score (0/1+/2+/3+): exact agreement {s['exact']:.3g}, quadratic-weighted kappa {s['quadratic_kappa']:.3g}; "
+              f"confusion (rows real, columns generated): {s['confusion_real_rows_generated_columns']}"), ""]
     if rep["fidelity"]:
         lines += ["## FD / KID to the real IHC set", "", f"Detectors: {', '.join(cfg['detectors'])} ({cfg['detectors_why']}). KID x1000.", "",
                   "| row | " + " | ".join(rep["fidelity"]["generated"]) + " |", "|---" * (1 + len(rep["fidelity"]["generated"])) + "|"]
