@@ -280,6 +280,11 @@ def test_stain_eval_bad_folders(pair_folders, tmp_path, shared_data):
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(small / "22_2_ihc.png")
     with pytest.raises(InputError, match="different sizes"):
         st.run(_parse(["stain-eval", "--generated", str(small), *base]))
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray(np.tile(np.linspace(60, 250, 128).astype(np.uint8), (128, 1)), "L").save(grey / "22_2_ihc.png")
+    with pytest.raises(InputError, match="greyscale"):
+        st.run(_parse(["stain-eval", "--generated", str(grey), *base]))
     with pytest.raises(InputError, match="blur-sigmas"):
         st.run(_parse(["stain-eval", "--generated", str(pair_folders / "generated"), *base, "--blur-sigmas", "a,b"]))
 
