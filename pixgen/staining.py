@@ -70,6 +70,7 @@ HE_DOMAIN = "he"
 # the 13 H&E images 0.144-0.490 (docs/staining.md, "Bad input").
 IHC_EOSIN_SHARE = 0.10
 TISSUE_MAX_MEAN = 220  # pixels brighter than this (mean of RGB) are background
+MIN_TISSUE = 0.05  # below this tissue fraction an image is background: no stain verdict
 MPP_TOLERANCE = 0.25  # relative difference of resolution accepted without an error
 FLOW_STEPS = 20
 
@@ -98,17 +99,17 @@ def stain_statistics(image: Any) -> dict[str, float]:
 
     rgb = np.asarray(image)[..., :3]
     tissue = rgb.mean(-1) < TISSUE_MAX_MEAN
-    if not tissue.any():
-        tissue = np.ones(rgb.shape[:2], bool)
-    hed = np.clip(rgb2hed(rgb)[tissue], 0, None)
+    share = float(tissue.mean())
+    hed = np.clip(rgb2hed(rgb)[tissue if tissue.any() else slice(None)], 0, None).reshape(-1, 3)
     h, e, d = (float(v) for v in hed.mean(0))
-    return {"hematoxylin": h, "eosin": e, "dab": d, "eosin_share": e / max(h + e + d, 1e-9),
-            "tissue": float(tissue.mean())}
+    return {"hematoxylin": h, "eosin": e, "dab": d, "eosin_share": e / max(h + e + d, 1e-9), "tissue": share}
 
 
 def looks_like_ihc(image: Any) -> bool:
-    """True when the tissue carries almost no eosin (IHC: hematoxylin + DAB), see ``IHC_EOSIN_SHARE``."""
-    return stain_statistics(image)["eosin_share"] < IHC_EOSIN_SHARE
+    """True when the tissue carries almost no eosin (IHC: hematoxylin + DAB), see ``IHC_EOSIN_SHARE``;
+    an image with almost no tissue (background) is not judged."""
+    stats = stain_statistics(image)
+    return stats["tissue"] >= MIN_TISSUE and stats["eosin_share"] < IHC_EOSIN_SHARE
 
 
 def _warn_if_ihc(images: Sequence[np.ndarray], names: Sequence[str]) -> None:
@@ -209,13 +210,19 @@ class StainTranslator:
     @torch.no_grad()
     def translate(self, emb: Embeddings) -> Embeddings:
         """(N, T, D) H&E embeddings -> the same shape in ``ihc-<marker>``, token by token."""
-        from pixgen.models.flow import sample_flow
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.check(emb)
         n, tokens, dim = emb.values.shape
         param = next(self.velocity.parameters())
-        out = sample_flow(self.velocity, emb.values.reshape(-1, dim).to(param.device, param.dtype), steps=self.steps)
-        return Embeddings(out.float().cpu().reshape(n, tokens, dim), encoder=self.encoder or emb.encoder,
+        x = emb.values.reshape(-1, dim).to(param.device, param.dtype)
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        # a uniform grid s = 1, 1 - 1/n, ..., 1/n (PixCell's Euler steps from H&E to IHC); diffusers'
+        # default grid for n steps ends with a step of 0.001, which sample_flow's priors are tuned to
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / self.steps, self.steps).tolist(), device=x.device)
+        for t in sched.timesteps:
+            x = sched.step(self.velocity(x, t.expand(len(x))).sample, t, x).prev_sample
+        return Embeddings(x.float().cpu().reshape(n, tokens, dim), encoder=self.encoder or emb.encoder,
                           ids=list(emb.ids), domain=self.domain)
 
 
