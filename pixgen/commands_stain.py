@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pixgen.errors import InputError
 
-__all__ = ["add_parser", "run_stain", "SLIDE_SUFFIXES", "EMBEDDING_SUFFIXES"]
+__all__ = ["EMBEDDING_SUFFIXES", "SLIDE_SUFFIXES", "add_parser", "run_stain"]
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 EMBEDDING_SUFFIXES = (".safetensors", ".npy", ".pt")

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_pixcell as tp
 import torch
 from PIL import Image
+from test_pixcell import assets  # noqa: F401  (a fixture: the tiny SD3.5 VAE, UNI2-h and tiles)
 
 from pixgen.cli import main as cli
 from pixgen.embeddings import Embeddings
@@ -24,8 +26,6 @@ from pixgen.errors import EncoderMismatchError, InputError, ModelLoadError
 from pixgen.io import SetManifest
 from pixgen.pixcell import load_pixcell_flow_mlp, load_stain_lora, read_state
 from pixgen.staining import StainPipeline, StainTranslator, looks_like_ihc, side_by_side
-import test_pixcell as tp
-from test_pixcell import assets  # noqa: F401  (a fixture: the tiny SD3.5 VAE, UNI2-h and tiles)
 from pixgen.testing import (
     pixcell_flow_mlp_reference,
     pixcell_flow_mlp_state,
@@ -98,7 +98,7 @@ def test_pixcell_translator_is_pixcells_euler_from_he_to_ihc(tmp_path):
 
 # ------------------------------------------------------------------ PixCell's LoRA
 @pytest.fixture(scope="module")
-def pixcell_base(tmp_path_factory, assets):
+def pixcell_base(tmp_path_factory, assets):  # noqa: F811
     """A tiny PixCell-1024 checkpoint, tiny SD3.5 VAE and UNI2-h (tests/test_pixcell.py's writers)."""
     from safetensors.torch import load_file
 
@@ -109,14 +109,14 @@ def pixcell_base(tmp_path_factory, assets):
 
 
 def test_published_lora_file_loads_strictly_and_merges(pixcell_base, tmp_path):
-    root, assets, base_state = pixcell_base
+    root, files, base_state = pixcell_base
     lora = pixcell_lora_state(base_state)
     assert "transformer_blocks.0.attn2.to_q.lora_A.default.weight" in lora  # the published names
     assert "transformer_blocks.0.attn1.to_q.weight" in lora  # self-attention untouched
     torch.save(lora, tmp_path / "mist_her2_lora.pth")
     from pixgen.pipeline import Generator
 
-    gen = Generator.from_pretrained(root, vae_path=assets["vae"], encoder_path=assets["encoder"])
+    gen = Generator.from_pretrained(root, vae_path=files["vae"], encoder_path=files["encoder"])
     load_stain_lora(gen.transformer, tmp_path / "mist_her2_lora.pth")
     q = "transformer_blocks.1.attn2.to_q"
     merged = gen.transformer.get_submodule(q).base_layer.weight
@@ -126,7 +126,7 @@ def test_published_lora_file_loads_strictly_and_merges(pixcell_base, tmp_path):
     bad = dict(lora)
     bad.pop("transformer_blocks.1.attn2.to_v.lora_B.default.weight")
     torch.save(bad, tmp_path / "bad.pth")
-    gen = Generator.from_pretrained(root, vae_path=assets["vae"], encoder_path=assets["encoder"])
+    gen = Generator.from_pretrained(root, vae_path=files["vae"], encoder_path=files["encoder"])
     with pytest.raises(ModelLoadError, match="missing"):
         load_stain_lora(gen.transformer, tmp_path / "bad.pth")
 
@@ -136,11 +136,11 @@ def test_adapter_only_lora_in_diffusers_names_loads(pixcell_base, tmp_path):
 
     from pixgen.pipeline import Generator
 
-    root, assets, base_state = pixcell_base
+    root, files, base_state = pixcell_base
     lora = pixcell_lora_state(base_state)
     adapters = {"transformer." + k.replace(".default.weight", ".weight"): v for k, v in lora.items() if ".lora_" in k}
     save_file(adapters, str(tmp_path / "pytorch_lora_weights.safetensors"))
-    gen = Generator.from_pretrained(root, vae_path=assets["vae"], encoder_path=assets["encoder"])
+    gen = Generator.from_pretrained(root, vae_path=files["vae"], encoder_path=files["encoder"])
     load_stain_lora(gen.transformer, tmp_path / "pytorch_lora_weights.safetensors")
     k = "transformer_blocks.0.attn2.to_out.0"
     want = base_state[f"{k}.weight"] + lora[f"{k}.lora_B.default.weight"] @ lora[f"{k}.lora_A.default.weight"]
@@ -148,16 +148,16 @@ def test_adapter_only_lora_in_diffusers_names_loads(pixcell_base, tmp_path):
 
 
 def test_pixcell_stain_repo_runs_end_to_end(pixcell_base, tmp_path, one_thread):
-    root, assets, base_state = pixcell_base
+    root, files, base_state = pixcell_base
     repo = write_pixcell_stain_repo(tmp_path / "pixcell-virtual-staining", base_state, ("mist_her2", "her2match"),
                                     mlp_sizes={"in_channels": 1536, "out_channels": 1536, "model_channels": 16,
                                                "time_embed_dim": 16, "bottleneck": 16, "blocks": 1})
-    pipe = StainPipeline.from_pretrained(repo, base=root, vae_path=assets["vae"], encoder_path=assets["encoder"],
+    pipe = StainPipeline.from_pretrained(repo, base=root, vae_path=files["vae"], encoder_path=files["encoder"],
                                          flow_steps=2)
     assert pipe.stains == ["her2match", "mist_her2"]
     with pytest.raises(InputError, match="matches several stains: her2match, mist_her2"):
         pipe.stain_name("her2")
-    result = pipe.run([str(assets["tile_1024"])], "mist_her2", num_inference_steps=1)
+    result = pipe.run([str(files["tile_1024"])], "mist_her2", num_inference_steps=1)
     assert result.images[0].size == (1024, 1024)
     assert result.ihc_embeddings.values.shape == (1, 16, 1536)  # the 4 x 4 grid, translated token by token
     _, gen = pipe.components("mist_her2")
