@@ -428,6 +428,48 @@ class StainPipeline:
         return {**summary, "stain": self.stain_name(to), "flow_steps": translator.steps}, real
 
 
+@torch.no_grad()
+def direct_stain(gen: Generator, images: Sequence[Any], *, seed: int = 0, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None) -> list[Image.Image]:
+    """The direct baseline (``python -m training.tasks.stain_controlnet``): H&E tiles of the model's
+    size -> IHC tiles, with no translator. The H&E image reaches the IHC generator twice: as its
+    VAE latents through the ControlNet, and as its own embedding for the condition tokens (the
+    baseline was trained so; ``stain_baseline`` in its config says it). Image ``i`` uses seed ``seed + i``.
+
+    Example:
+        >>> gen = Generator.from_pretrained("runs/bci-her2-controlnet/final")      # doctest: +SKIP
+        >>> direct_stain(gen, ["he_1024.png"], seed=0)[0].save("her2_direct.png")  # doctest: +SKIP
+    """
+    from pixgen.encoders.images import to_uint8_batch
+    from pixgen.io import load_rgb
+    from pixgen.sampling import check_sampling_args, sample
+
+    if gen.controlnet is None or not gen.config.get("stain_baseline"):
+        raise ModelLoadError("this model is not a direct staining baseline (no controlnet/ or no stain_baseline)",
+                             fix="pass RUN/final of python -m training.tasks.stain_controlnet")
+    arrays = [load_rgb(im) if isinstance(im, (str, Path)) else np.asarray(im)[..., :3] for im in images]
+    size = gen.config["image_size"]
+    if any(a.shape[:2] != (size, size) for a in arrays):
+        raise InputError(f"the direct baseline takes {size} x {size} px H&E tiles",
+                         fix=f"crop the tiles to {size} px at {gen.config.get('mpp')} um/px")
+    _warn_if_ihc(arrays, [str(im) if isinstance(im, (str, Path)) else f"image[{i}]" for i, im in enumerate(images)])
+    enc = gen.encoder
+    tokens = gen.transformer.config.caption_num_tokens
+    values = enc.embed_grid(arrays, grid=round(tokens**0.5)) if tokens > 1 else enc.embed(arrays)
+    # the baseline's condition is the H&E embedding itself, in the generator's own domain by training
+    cond = Embeddings(values, encoder=enc.spec.name, domain=gen.config.get("domain"))
+    gen.check_conditions(cond)
+    steps, guidance, _ = check_sampling_args(num_inference_steps or gen.config["num_inference_steps"],
+                                             gen.config["guidance_scale"] if guidance_scale is None else guidance_scale)
+    pixels = to_uint8_batch(arrays).float().to(gen.device) / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+    control = gen.vae.encode(pixels.to(gen.dtype)).to(gen.dtype)
+    noise = gen.initial_noise([seed + i for i in range(len(arrays))])
+    latents = sample(gen.transformer, gen.scheduler, noise.to(gen.device, gen.dtype), cond.values.to(gen.device),
+                     num_inference_steps=steps, guidance_scale=guidance, controlnet=gen.controlnet, control=control)
+    out = ((gen.vae.decode(latents.to(gen.dtype)).float().cpu() + 1) / 2).clamp(0, 1)
+    return [Image.fromarray(a) for a in (out.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
+
+
 def check_mpp(mpp: float | None, gen: Generator) -> None:
     """Refuse inputs whose stated resolution differs from the model's by more than ``MPP_TOLERANCE``."""
     want = gen.config.get("mpp")
