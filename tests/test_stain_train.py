@@ -16,7 +16,12 @@ from pixgen.cli import main as cli
 from pixgen.errors import InputError
 from pixgen.pipeline import Generator
 from pixgen.staining import direct_stain
-from pixgen.testing import save_tiny_model, synthetic_he_ihc_pair, write_bci_pairs, write_mist_pairs
+from pixgen.testing import (
+    save_tiny_model,
+    synthetic_he_ihc_pair,
+    write_bci_pairs,
+    write_mist_pairs,
+)
 from training.tasks import lora, stain_controlnet, translator
 
 TINY = ["--preset", "tiny", "--batch-size", "4"]

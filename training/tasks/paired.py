@@ -86,7 +86,12 @@ class _Side(torch.utils.data.Dataset):
 def build_paired_cache(pairs, out: str | Path, gen, *, batch_size: int = 16, device: str = "cpu",
                        progress: bool = False):
     """The paired feature cache (module docstring) of ``pairs`` with ``gen``'s VAE and encoder."""
-    from training.features import FeatureCache, add_field, build_feature_cache, resolve_components
+    from training.features import (
+        FeatureCache,
+        add_field,
+        build_feature_cache,
+        resolve_components,
+    )
 
     out = Path(out)
     size = int(gen.config["image_size"])
