@@ -49,8 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="print the model's stains and exit")
     p.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     p.add_argument("--region", help="x,y,w,h in level-0 pixels of a slide INPUT (default: the whole slide)")
-    p.add_argument("--mpp", type=float, help="tiles: their microns per pixel (checked against the model's); "
-                   "slides: the level-0 mpp when the file does not record it")
+    p.add_argument("--mpp", "--slide-mpp", dest="mpp", type=float, help="tiles: their microns per pixel (checked "
+                   "against the model's); slides: the level-0 mpp when the file does not record it")
     p.add_argument("--png", action="store_true", help="regions: write ihc.png instead of ihc.ome.tiff")
     p.add_argument("--steps", type=int, help="sampling steps of the IHC generator (default: the model's)")
     p.add_argument("--guidance", type=float, help="CFG scale of the IHC generator (default: the model's)")
@@ -176,8 +176,7 @@ def _run_region(args: argparse.Namespace, pipe) -> int:
     from pixgen.io.atomic import atomic_write
     from pixgen.staining import side_by_side
 
-    out = check_output_folder(args.out, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(args.out, args.overwrite)  # created by the large-image writer, once the region is read
     target = out / ("ihc.png" if args.png else "ihc.ome.tiff")
     region = parse_region(args.region) if args.region else None
     t0 = time.perf_counter()

@@ -491,6 +491,8 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
             torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "it holds pickled Python objects besides tensors, which pixgen never unpickles"
         raise ModelLoadError(f"cannot read {path} as a state dict ({reason})",
                              fix="re-download it; pixgen reads safetensors or tensor-only .pth files") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

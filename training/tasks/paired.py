@@ -30,7 +30,7 @@ import torch
 
 from pixgen.errors import InputError
 
-__all__ = ["PairedData", "build_paired_cache", "open_paired_cache", "add_paired_flags", "paired_from_args",
+__all__ = ["run_main", "PairedData", "build_paired_cache", "open_paired_cache", "add_paired_flags", "paired_from_args",
            "register_in_stain_model", "HE_FIELDS"]
 
 HE_FIELDS = ("he_embeddings", "he_grid", "he_latents")
@@ -191,3 +191,20 @@ def register_in_stain_model(folder: str | Path, marker: str, role: str, final: s
     return write_stain_model(folder, {**stains, marker: entry})
 
 
+
+
+def run_main(main, argv: list[str] | None = None) -> int:
+    """Run a staining task's ``main`` as a command: a :class:`~pixgen.errors.PixgenError` is one
+    line on stderr and exit 1, as in ``pixgen`` (``--debug`` anywhere in argv shows the traceback)."""
+    import sys
+
+    from pixgen.errors import PixgenError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except PixgenError as err:
+        if "--debug" in argv:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
