@@ -35,9 +35,12 @@ __all__ = ["TranslatorConfig", "StainTranslatorTask", "main"]
 class TranslatorConfig(FlowConfig):
     """A translator run: :class:`FlowConfig` with PixCell's MLP size (6 blocks, width 1024), its
     learning rate, no condition and no guidance dropout. ``init`` names the H&E generator whose
-    encoder (and autoencoder, for the shared cache) embeds the pairs; ``marker`` the IHC stain."""
+    encoder (and autoencoder, for the shared cache) embeds the pairs (``vae`` / ``encoder_path``:
+    local weights for it, e.g. PixCell's SD3.5 VAE and UNI2-h); ``marker`` the IHC stain."""
 
     init: str = ""
+    vae: str | None = None
+    encoder_path: str | None = None
     marker: str = "her2"
     source: str = "he"
     condition: str = "none"
@@ -83,7 +86,8 @@ class StainTranslatorTask(EmbeddingFlowTask):
         if isinstance(self.pairs, PairedData):
             from pixgen.pipeline import Generator
 
-            gen = Generator.from_pretrained(self.cfg.init, trust_remote_code=self.trust_remote_code)
+            gen = Generator.from_pretrained(self.cfg.init, vae_path=self.cfg.vae, encoder_path=self.cfg.encoder_path,
+                                            trust_remote_code=self.trust_remote_code)
             check_pairs_mpp(self.pairs, gen)
             cache = build_paired_cache(self.pairs.dataset(), engine.out / "cache", gen)
         else:
