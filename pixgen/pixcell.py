@@ -47,6 +47,7 @@ from diffusers.models.embeddings import Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from pixgen.errors import InputError, ModelLoadError
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
@@ -424,13 +425,12 @@ STAIN_LORA_ADAPTER = "default"  # peft's adapter name in the published keys (``l
 STAIN_GUIDANCE = 1.2  # --guidance_scale default of a public PixCell virtual-staining inference script
 
 
-class _PixCellResBlock(torch.nn.Module):
+class _PixCellResBlock(nn.Module):
     """``resmlp.ResBlock`` (no context): LN -> SiLU -> Linear, plus SiLU -> Linear of the time
     embedding, then LN -> SiLU -> Dropout -> Linear, added back (published key names)."""
 
     def __init__(self, channels: int, mid_channels: int, emb_channels: int):
         super().__init__()
-        nn = torch.nn
         self.in_layers = nn.Sequential(nn.LayerNorm(channels), nn.SiLU(), nn.Linear(channels, mid_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, mid_channels))
         self.out_layers = nn.Sequential(nn.LayerNorm(mid_channels), nn.SiLU(), nn.Dropout(0.0),
@@ -459,7 +459,6 @@ class PixCellFlowMLP(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 1536, time_embed_dim: int = 1024, model_channels: int = 1024,
                  bottleneck_channels: int = 1024, out_channels: int = 1536, num_res_blocks: int = 6):
         super().__init__()
-        nn = torch.nn
         self.time_proj = Timesteps(model_channels, flip_sin_to_cos=True, downscale_freq_shift=0)  # no weights
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
@@ -534,8 +533,8 @@ def add_stain_lora(transformer: PixgenTransformer, rank: int = STAIN_LORA_RANK) 
 
 def lora_key(key: str) -> str | None:
     """The published (peft, adapter ``default``) name of a LoRA key in any of the usual spellings:
-    peft's ``...lora_A.default.weight``, diffusers' ``transformer.…lora_A.weight`` or kohya-free
-    peft ``…lora_A.weight``; None for a key that is not a LoRA weight.
+    peft's ``...lora_A.default.weight``, diffusers' ``transformer.…lora_A.weight`` or peft's
+    saved-adapter ``…lora_A.weight``; None for a key that is not a LoRA weight.
 
     Example:
         >>> lora_key("transformer.transformer_blocks.0.attn2.to_q.lora_A.weight")
