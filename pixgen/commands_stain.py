@@ -2,7 +2,8 @@
 
 Outputs, all through :mod:`pixgen.io`'s atomic writers:
 
-* tiles / folders / an embeddings file: ``OUT/0000.png ...`` (provenance in each PNG), the set's
+* tiles / folders / an embeddings file (a direct-baseline model, ``training.tasks.stain_controlnet``'s
+  ``RUN/final``, takes tiles of its own size only): ``OUT/0000.png ...`` (provenance in each PNG), the set's
   ``manifest.json`` (model by content hash, sampler settings, each input's SHA-256),
   ``conditions.safetensors`` (the translated IHC embeddings), ``contact_sheet.png``, and
   ``side_by_side.png`` (one row per input: H&E | IHC) and ``stain.json`` (stain, marker, flow steps);
@@ -133,7 +134,7 @@ def _run_tiles(args: argparse.Namespace, pipe, kind: str) -> int:
 
     out = check_output_folder(args.out, args.overwrite)
     t0 = time.perf_counter()
-    translator, gen = pipe.components(args.to)
+    _, gen = pipe.components(args.to)
     files = _images(args.inputs) if kind == "tiles" else []
     emb = load_embeddings(args.inputs[0]) if kind == "embeddings" else None
     steps = int(args.steps or gen.config["num_inference_steps"])
@@ -159,9 +160,9 @@ def _run_tiles(args: argparse.Namespace, pipe, kind: str) -> int:
             with atomic_write(out / SIDE_BY_SIDE) as fh:
                 side_by_side(result.he, result.images).save(fh, format="PNG")
         write_json_atomic(out / STAIN_JSON, {**result.settings, "inputs": [str(f) for f in files] or args.inputs,
-                                             "model": args.model, "encoder": translator.encoder,
+                                             "model": args.model, "encoder": gen.config.get("encoder"),
                                              "side_by_side": SIDE_BY_SIDE if result.he else None})
-        writer.finish(conditions=result.ihc_embeddings.values, encoder=translator.encoder,
+        writer.finish(conditions=result.ihc_embeddings.values, encoder=gen.config.get("encoder"),
                       seconds=time.perf_counter() - t0)
     print(f"wrote {len(result.images)} {stain} image(s) to {out}")
     return 0

@@ -231,18 +231,20 @@ class StainTranslator:
 class _Stain:
     name: str
     marker: str
-    load_translator: Callable[[], StainTranslator]
+    load_translator: Callable[[], StainTranslator | None]  # None: the direct baseline (no translator)
     load_generator: Callable[[], Generator]
     source: dict[str, str] = field(default_factory=dict)
-    _loaded: tuple[StainTranslator, Generator] | None = None
+    _loaded: tuple[StainTranslator | None, Generator] | None = None
 
-    def get(self, device: Any = None) -> tuple[StainTranslator, Generator]:
+    def get(self, device: Any = None) -> tuple[StainTranslator | None, Generator]:
         if self._loaded is None:
             translator, gen = self.load_translator(), self.load_generator()
             if device is not None:
                 gen.to(device)
-                translator.velocity.to(device)
-            _check_pair(self.name, translator, gen)
+                if translator is not None:
+                    translator.velocity.to(device)
+            if translator is not None:
+                _check_pair(self.name, translator, gen)
             self._loaded = (translator, gen)
         return self._loaded
 
@@ -303,6 +305,8 @@ class StainPipeline:
         load = {"token": token, "vae_path": vae_path, "encoder_path": encoder_path, "trust_remote_code": trust_remote_code}
         if (root / STAIN_MODEL_FILE).is_file():
             stains = _pixgen_stains(root, flow_steps, load, local_files_only)
+        elif _is_direct_baseline(root):
+            stains = _direct_stains(root, load, local_files_only)
         else:
             from pixgen import pixcell
 
@@ -334,8 +338,9 @@ class StainPipeline:
                          fix=f"available: {', '.join(self.stains)} (markers: "
                              f"{', '.join(sorted({s.marker for s in self._stains.values()}))})")
 
-    def components(self, to: str) -> tuple[StainTranslator, Generator]:
-        """(translator, IHC generator) of a stain, loaded on first use."""
+    def components(self, to: str) -> tuple[StainTranslator | None, Generator]:
+        """(translator, IHC generator) of a stain, loaded on first use; the translator is None for
+        the direct baseline (:func:`direct_stain`)."""
         return self._stains[self.stain_name(to)].get(self.device)
 
     def describe(self) -> dict[str, Any]:
@@ -348,22 +353,11 @@ class StainPipeline:
               names: Sequence[str] | None = None) -> tuple[Embeddings, list[np.ndarray]]:
         """H&E images (paths, PIL, uint8 arrays) -> their embeddings by the stain's encoder, tagged
         ``he``, and the images as loaded. Warns on IHC-looking input; refuses a wrong ``mpp``."""
-        from pixgen.io import load_rgb
-
         _, gen = self.components(to)
-        images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
-        if not images:
-            raise InputError("no H&E images given", fix="pass at least one image")
-        names = list(names) if names is not None else \
-            [str(im) if isinstance(im, (str, Path)) else f"image[{i}]" for i, im in enumerate(images)]
-        arrays = [load_rgb(im) if isinstance(im, (str, Path)) else np.asarray(im.convert("RGB") if isinstance(
-            im, Image.Image) else im)[..., :3] for im in images]
+        arrays, names = _load_images(images, names)
         check_mpp(mpp, gen)
         _warn_if_ihc(arrays, names)
-        enc = gen.encoder
-        tokens = gen.transformer.config.caption_num_tokens
-        values = enc.embed_grid(arrays, grid=round(tokens**0.5)) if tokens > 1 else enc.embed(arrays)
-        return Embeddings(values, encoder=enc.spec.name, ids=names, domain=HE_DOMAIN), arrays
+        return _embed_tiles(gen, arrays, HE_DOMAIN, names), arrays
 
     @torch.no_grad()
     def run(self, images: Sequence[Any] | None = None, to: str = "her2", *, embeddings: Embeddings | None = None,
@@ -376,6 +370,18 @@ class StainPipeline:
         if (images is None) == (embeddings is None):
             raise InputError("give H&E images or H&E embeddings (one of them)")
         he_arrays: list[np.ndarray] = []
+        if translator is None:  # the direct baseline: H&E images only, no translator
+            if images is None:
+                raise InputError("the direct baseline stains H&E images, not embeddings", fix="pass H&E tiles")
+            he_arrays, names = _load_images(images, names)
+            check_mpp(mpp, gen)
+            ims = direct_stain(gen, he_arrays, seed=seed or 0, num_inference_steps=num_inference_steps,
+                               guidance_scale=guidance_scale)
+            he_emb = _embed_tiles(gen, he_arrays, HE_DOMAIN, names)
+            cond = Embeddings(he_emb.values, encoder=he_emb.encoder, ids=he_emb.ids, domain=gen.config.get("domain"))
+            return StainResult(ims, he_arrays, he_emb, cond, [(seed or 0) + i for i in range(len(ims))],
+                               {"stain": self.stain_name(to), "marker": self._stains[self.stain_name(to)].marker,
+                                "flow_steps": None, "direct": True})
         if images is not None:
             embeddings, he_arrays = self.embed(images, to, mpp=mpp, names=names)
         ihc = translator.translate(embeddings)
@@ -415,6 +421,9 @@ class StainPipeline:
         from pixgen.large import Layout, generate_large, layout_from_slide
 
         translator, gen = self.components(to)
+        if translator is None:
+            raise InputError("the direct baseline stains tiles of its own size, not slide regions",
+                             fix="stain the region's tiles, or use a stain model with a translator")
         layout, real = layout_from_slide(gen, slide, region, slide_mpp=slide_mpp)
         _warn_if_ihc([real], [str(slide)])
         rows, cols, dim = layout.grid.shape
@@ -441,23 +450,19 @@ def direct_stain(gen: Generator, images: Sequence[Any], *, seed: int = 0, num_in
         >>> direct_stain(gen, ["he_1024.png"], seed=0)[0].save("her2_direct.png")  # doctest: +SKIP
     """
     from pixgen.encoders.images import to_uint8_batch
-    from pixgen.io import load_rgb
     from pixgen.sampling import check_sampling_args, sample
 
     if gen.controlnet is None or not gen.config.get("stain_baseline"):
         raise ModelLoadError("this model is not a direct staining baseline (no controlnet/ or no stain_baseline)",
                              fix="pass RUN/final of python -m training.tasks.stain_controlnet")
-    arrays = [load_rgb(im) if isinstance(im, (str, Path)) else np.asarray(im)[..., :3] for im in images]
+    arrays, names = _load_images(images)
     size = gen.config["image_size"]
     if any(a.shape[:2] != (size, size) for a in arrays):
         raise InputError(f"the direct baseline takes {size} x {size} px H&E tiles",
                          fix=f"crop the tiles to {size} px at {gen.config.get('mpp')} um/px")
-    _warn_if_ihc(arrays, [str(im) if isinstance(im, (str, Path)) else f"image[{i}]" for i, im in enumerate(images)])
-    enc = gen.encoder
-    tokens = gen.transformer.config.caption_num_tokens
-    values = enc.embed_grid(arrays, grid=round(tokens**0.5)) if tokens > 1 else enc.embed(arrays)
+    _warn_if_ihc(arrays, names)
     # the baseline's condition is the H&E embedding itself, in the generator's own domain by training
-    cond = Embeddings(values, encoder=enc.spec.name, domain=gen.config.get("domain"))
+    cond = _embed_tiles(gen, arrays, gen.config.get("domain"))
     gen.check_conditions(cond)
     steps, guidance, _ = check_sampling_args(num_inference_steps or gen.config["num_inference_steps"],
                                              gen.config["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -468,6 +473,29 @@ def direct_stain(gen: Generator, images: Sequence[Any], *, seed: int = 0, num_in
                      num_inference_steps=steps, guidance_scale=guidance, controlnet=gen.controlnet, control=control)
     out = ((gen.vae.decode(latents.to(gen.dtype)).float().cpu() + 1) / 2).clamp(0, 1)
     return [Image.fromarray(a) for a in (out.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
+
+
+def _load_images(images: Any, names: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """Paths / PIL images / arrays -> RGB uint8 arrays, and a name per image."""
+    from pixgen.io import load_rgb
+
+    images = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) else list(images)
+    if not images:
+        raise InputError("no H&E images given", fix="pass at least one image")
+    names = list(names) if names is not None else \
+        [str(im) if isinstance(im, (str, Path)) else f"image[{i}]" for i, im in enumerate(images)]
+    arrays = [load_rgb(im) if isinstance(im, (str, Path)) else
+              np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im)[..., :3] for im in images]
+    return arrays, names
+
+
+def _embed_tiles(gen: Generator, arrays: Sequence[np.ndarray], domain: str | None,
+                 names: Sequence[str] | None = None) -> Embeddings:
+    """Condition tokens of tiles by the generator's encoder (a grid for grid models), tagged ``domain``."""
+    enc = gen.encoder
+    tokens = gen.transformer.config.caption_num_tokens
+    values = enc.embed_grid(arrays, grid=round(tokens**0.5)) if tokens > 1 else enc.embed(arrays)
+    return Embeddings(values, encoder=enc.spec.name, ids=list(names or []), domain=domain)
 
 
 def check_mpp(mpp: float | None, gen: Generator) -> None:
@@ -588,6 +616,24 @@ def _pixcell_stains(root: Path, repo: str, base: str | Path, flow_steps: int | N
                               {"translator": f"{pixcell.STAIN_MLP_DIR}/{name}_mlp.pth",
                                "generator": f"{base} + {pixcell.STAIN_LORA_DIR}/{name}_lora.pth"})
     return stains
+
+
+def _is_direct_baseline(root: Path) -> bool:
+    try:
+        return bool(json.loads((root / "model_index.json").read_text()).get("stain_baseline"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _direct_stains(root: Path, load: dict[str, Any], local_files_only: bool | None) -> dict[str, _Stain]:
+    """A direct-baseline Generator folder as a one-stain model (its marker from its domain)."""
+    marker = str(json.loads((root / "model_index.json").read_text()).get("domain", "ihc-")).removeprefix("ihc-")
+
+    def generator():
+        return Generator.from_pretrained(root, local_files_only=local_files_only, **load)
+
+    return {marker: _Stain(marker, marker, lambda: None, generator, {"generator": str(root), "translator": "none "
+                           "(direct baseline: H&E latents through its ControlNet)"})}
 
 
 def write_stain_model(folder: str | Path, stains: dict[str, dict[str, str]]) -> Path:

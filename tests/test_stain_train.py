@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from pixgen.cli import main as cli
@@ -111,6 +112,17 @@ def test_direct_controlnet_baseline_trains_and_stains(stain_model, data, tmp_pat
         direct_stain(gen, [np.zeros((64, 64, 3), np.uint8)])
     with pytest.raises(Exception, match="not a direct staining baseline"):
         direct_stain(Generator.from_pretrained(data["he"]), he)
+    # the same CLI and output as the embedding route, so both can be compared on the same tiles
+    assert cli(["stain", str(data["bci"] / "HE" / "test"), "--model", str(out / "final"), "--to", "her2", "--out",
+                str(tmp_path / "direct"), "--steps", "1"]) == 1  # 64 px tiles: the baseline takes 32 px
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i, im in enumerate(he):
+        Image.fromarray(im).save(tiles / f"{i}.png")
+    assert cli(["stain", str(tiles), "--model", str(out / "final"), "--to", "her2", "--out", str(tmp_path / "direct"),
+                "--steps", "2", "--seed", "0"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "direct" / "0001.png")), np.asarray(a[1]))
+    assert json.loads((tmp_path / "direct" / "stain.json").read_text())["direct"] is True
 
 
 def test_pairs_at_another_resolution_are_refused(data, tmp_path):
