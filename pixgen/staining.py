@@ -373,13 +373,10 @@ class StainPipeline:
         if translator is None:  # the direct baseline: H&E images only, no translator
             if images is None:
                 raise InputError("the direct baseline stains H&E images, not embeddings", fix="pass H&E tiles")
-            he_arrays, names = _load_images(images, names)
             check_mpp(mpp, gen)
-            ims = direct_stain(gen, he_arrays, seed=seed or 0, num_inference_steps=num_inference_steps,
-                               guidance_scale=guidance_scale)
-            he_emb = _embed_tiles(gen, he_arrays, HE_DOMAIN, names)
-            cond = Embeddings(he_emb.values, encoder=he_emb.encoder, ids=he_emb.ids, domain=gen.config.get("domain"))
-            return StainResult(ims, he_arrays, he_emb, cond, [(seed or 0) + i for i in range(len(ims))],
+            ims, he_arrays, cond = _direct_stain(gen, images, seed or 0, num_inference_steps, guidance_scale, names)
+            he = Embeddings(cond.values, encoder=cond.encoder, ids=cond.ids, domain=HE_DOMAIN)
+            return StainResult(ims, he_arrays, he, cond, [(seed or 0) + i for i in range(len(ims))],
                                {"stain": self.stain_name(to), "marker": self._stains[self.stain_name(to)].marker,
                                 "flow_steps": None, "direct": True})
         if images is not None:
@@ -449,20 +446,27 @@ def direct_stain(gen: Generator, images: Sequence[Any], *, seed: int = 0, num_in
         >>> gen = Generator.from_pretrained("runs/bci-her2-controlnet/final")      # doctest: +SKIP
         >>> direct_stain(gen, ["he_1024.png"], seed=0)[0].save("her2_direct.png")  # doctest: +SKIP
     """
+    return _direct_stain(gen, images, seed, num_inference_steps, guidance_scale)[0]
+
+
+def _direct_stain(gen: Generator, images: Any, seed: int, num_inference_steps: int | None,
+                  guidance_scale: float | None, names: Sequence[str] | None = None,
+                  ) -> tuple[list[Image.Image], list[np.ndarray], Embeddings]:
+    """:func:`direct_stain`'s images, the H&E tiles as loaded and the condition tokens used."""
     from pixgen.encoders.images import to_uint8_batch
     from pixgen.sampling import check_sampling_args, sample
 
     if gen.controlnet is None or not gen.config.get("stain_baseline"):
         raise ModelLoadError("this model is not a direct staining baseline (no controlnet/ or no stain_baseline)",
                              fix="pass RUN/final of python -m training.tasks.stain_controlnet")
-    arrays, names = _load_images(images)
+    arrays, names = _load_images(images, names)
     size = gen.config["image_size"]
     if any(a.shape[:2] != (size, size) for a in arrays):
         raise InputError(f"the direct baseline takes {size} x {size} px H&E tiles",
                          fix=f"crop the tiles to {size} px at {gen.config.get('mpp')} um/px")
     _warn_if_ihc(arrays, names)
     # the baseline's condition is the H&E embedding itself, in the generator's own domain by training
-    cond = _embed_tiles(gen, arrays, gen.config.get("domain"))
+    cond = _embed_tiles(gen, arrays, gen.config.get("domain"), names)
     gen.check_conditions(cond)
     steps, guidance, _ = check_sampling_args(num_inference_steps or gen.config["num_inference_steps"],
                                              gen.config["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -472,8 +476,8 @@ def direct_stain(gen: Generator, images: Sequence[Any], *, seed: int = 0, num_in
     latents = sample(gen.transformer, gen.scheduler, noise.to(gen.device, gen.dtype), cond.values.to(gen.device),
                      num_inference_steps=steps, guidance_scale=guidance, controlnet=gen.controlnet, control=control)
     out = ((gen.vae.decode(latents.to(gen.dtype)).float().cpu() + 1) / 2).clamp(0, 1)
-    return [Image.fromarray(a) for a in (out.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
-
+    images = [Image.fromarray(a) for a in (out.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
+    return images, arrays, cond
 
 def _load_images(images: Any, names: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Paths / PIL images / arrays -> RGB uint8 arrays, and a name per image."""
