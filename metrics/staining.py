@@ -41,6 +41,7 @@ import numpy as np
 
 from metrics.stats import Estimate, SmallSampleWarning, estimate, mean_estimate
 from pixgen.errors import InputError
+from pixgen.staining import GLASS, IHC_EOSIN_SHARE, MIN_TISSUE, stain_statistics
 
 __all__ = [
     "MPP",
@@ -50,7 +51,6 @@ __all__ = [
     "StainWarning",
     "as_rgb",
     "stain_channels",
-    "stain_statistics",
     "check_ihc",
     "positive_area_fraction",
     "segment_nuclei",
@@ -69,8 +69,6 @@ __all__ = [
 
 MPP = 0.5  # um/px the generator works at: the default scale of images given here
 BLUR_SIGMAS = (0.0, 1.0, 2.0, 4.0, 8.0)  # px: Gaussian blur widths for PSNR / SSIM
-GLASS = 215  # a pixel whose darkest RGB channel is above this is empty glass, not tissue
-EOSIN_SHARE_HE = 0.02  # eosin share above which an "IHC" image looks like H&E (0.000 on all 14 IHC images of shared/data)
 MATCH_RADIUS_UM = 4.0  # centroid distance within which a predicted nucleus matches a true one
 
 
@@ -193,28 +191,10 @@ def _tissue(rgb: np.ndarray) -> np.ndarray:
     return rgb.min(-1) < GLASS
 
 
-def stain_statistics(image: np.ndarray) -> dict[str, float]:
-    """Tissue share and median hematoxylin / eosin / DAB density over tissue pixels, and the
-    eosin share of their sum (~0 on IHC, >= 0.14 on every H&E image of shared/data).
-
-    Example:
-        >>> stain_statistics(np.full((4, 4, 3), 255, np.uint8))["tissue_fraction"]
-        0.0
-    """
-    hed = stain_channels(image)
-    tissue = _tissue(as_rgb(image))
-    out = {"tissue_fraction": float(tissue.mean())}
-    for i, name in enumerate(("hematoxylin", "eosin", "dab")):
-        out[name] = float(np.median(hed[..., i][tissue])) if tissue.any() else 0.0
-    total = out["hematoxylin"] + out["eosin"] + out["dab"]
-    out["eosin_share"] = out["eosin"] / total if total > 0 else 0.0
-    return out
-
-
 def check_ihc(image: np.ndarray, name: str = "image") -> dict[str, float]:
-    """Stain statistics of an image given as IHC: greyscale tissue is an :class:`InputError`
-    (no stain colours to separate); an H&E-looking image (eosin share above
-    ``EOSIN_SHARE_HE``) warns with :class:`StainWarning`.
+    """Stain statistics (:func:`pixgen.staining.stain_statistics`, the library's one stain check) of
+    an image given as IHC: greyscale tissue is an :class:`InputError` (no stain colours to separate);
+    an H&E-looking image (tissue with eosin share >= ``IHC_EOSIN_SHARE``) warns with :class:`StainWarning`.
 
     Example:
         >>> check_ihc(np.full((4, 4, 3), 255, np.uint8))["eosin_share"]
@@ -222,10 +202,10 @@ def check_ihc(image: np.ndarray, name: str = "image") -> dict[str, float]:
     """
     rgb = as_rgb(image, name)
     stats = stain_statistics(rgb)
-    if stats["tissue_fraction"] > 0.01 and (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+    if stats["tissue"] > 0.01 and (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
         raise InputError(f"{name} is greyscale: it has no stain colours to separate", fix="pass the colour (RGB) IHC image")
-    if stats["eosin_share"] > EOSIN_SHARE_HE:
-        warnings.warn(f"{name} looks like H&E, not IHC (eosin share {stats['eosin_share']:.2f} > {EOSIN_SHARE_HE}); "
+    if stats["tissue"] >= MIN_TISSUE and stats["eosin_share"] >= IHC_EOSIN_SHARE:
+        warnings.warn(f"{name} looks like H&E, not IHC (eosin share {stats['eosin_share']:.2f} >= {IHC_EOSIN_SHARE}); "
                       "its DAB numbers mean nothing (fix: pass the IHC image)", StainWarning, stacklevel=2)
     return stats
 
@@ -636,7 +616,7 @@ def evaluate_staining(generated: str | Path, real: str | Path, *, mpp: float = M
     he = {"generated": _he_looking(gen, [f"generated {n}" for n in names]), "real": _he_looking(ref, [f"real {n}" for n in names])}
     for side, found in he.items():
         if found:
-            warnings.warn(f"{len(found)} of {len(pairs)} {side} images look like H&E, not IHC (eosin share > {EOSIN_SHARE_HE}): "
+            warnings.warn(f"{len(found)} of {len(pairs)} {side} images look like H&E, not IHC (eosin share >= {IHC_EOSIN_SHARE}): "
                           f"{', '.join(found[:5])}{' ...' if len(found) > 5 else ''} (fix: pass IHC images)", StainWarning, stacklevel=2)
     with warnings.catch_warnings():  # reported once per side above
         warnings.simplefilter("ignore", StainWarning)
