@@ -509,7 +509,8 @@ def typed_scores(predicted: Sequence[tuple[np.ndarray, np.ndarray]], instances: 
     """Detection F1 and per-class type F1 (:func:`metrics.segmentation.typed_f1`, pooled over the
     images as HoVer-Net / CoNSeP practice; nuclei paired by centroid within ``radius`` px) of
     predicted ``(instance map, class map)`` pairs against true ones, each with a 95 % bootstrap
-    interval over images, plus the true nuclei per class.
+    interval over images (``None`` for a class neither present nor predicted), plus the true
+    nuclei per class.
 
     Example:
         >>> s = typed_scores(seg.classify(images), insts, types)    # doctest: +SKIP
@@ -521,7 +522,8 @@ def typed_scores(predicted: Sequence[tuple[np.ndarray, np.ndarray]], instances: 
     counts = np.stack([type_counts(g, t, p, c, n_types, radius) for (p, c), g, t in zip(predicted, instances, types)])  # (N, T+1, 5)
     names = {"detection": "detection", **{str(k): TYPE_NAMES[k - 1] for k in range(1, n_types + 1)}}
     value = typed_f1(counts.sum(0))
-    f1 = {names[k]: estimate(v, lambda i, k=k: typed_f1(counts[i].sum(0))[k], [len(counts)], n_boot, seed) for k, v in value.items()}
+    f1 = {names[k]: estimate(v, lambda i, k=k: typed_f1(counts[i].sum(0))[k], [len(counts)], n_boot, seed) if np.isfinite(v) else None
+          for k, v in value.items()}  # None: a class neither present nor predicted (F1 undefined)
     true_per_class = counts[:, 1:, 0].sum(0) + counts[:, 1:, 2].sum(0) + counts[:, 1:, 4].sum(0)  # tp_c + fn_c + fn_d
     return {"f1": f1, "n_true": {names[str(k)]: int(n) for k, n in enumerate(true_per_class, 1)},
             "radius_px": radius, "radius_um": radius * MPP, "n_images": len(counts)}

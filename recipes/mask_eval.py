@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sets = (("ceiling_real", real), ("generated", gen), ("floor_no_mask", floor))
     scores = {name: {**score_folder(segment, folder), "type_f1": score_types(typed, folder)} for name, folder in sets}
     ceiling_f1, gen_f1 = (scores[k]["type_f1"]["f1"] for k in ("ceiling_real", "generated"))
-    scores["type_f1_vs_ceiling"] = {k: round(gen_f1[k]["value"] / c, 4) if (c := ceiling_f1[k]["value"]) else float("nan")
-                                    for k in gen_f1}
+    scores["type_f1_vs_ceiling"] = {k: round(gen_f1[k]["value"] / ceiling_f1[k]["value"], 4)
+                                    if gen_f1[k] and ceiling_f1[k] and ceiling_f1[k]["value"] else None for k in gen_f1}
     for metric in ("dice", "aji"):
         scores[f"{metric}_relative"] = relative(scores["generated"][metric]["value"],
                                                 scores["floor_no_mask"][metric]["value"],

@@ -101,3 +101,22 @@ def test_type_scores_need_class_maps_and_a_type_head(tmp_path):
         score_types(NucleiSegmenter(TinyUNet(out_channels=6)), tmp_path)
     with pytest.raises(InputError, match="no type head"):
         NucleiSegmenter(TinyUNet(out_channels=2)).classify([image])
+
+
+def test_the_typed_segmenter_types_real_nuclei(shared_data):
+    from metrics.adherence import typed_segmenter
+    from metrics.nuclei import TYPE_NAMES, typed_scores
+
+    seg = typed_segmenter()  # the bundled metrics/weights/nuclei-types
+    assert seg.n_types == 4 and seg.info["outputs"][2:] == [f"type:{n}" for n in TYPE_NAMES]
+    name, d = "test_5_010", shared_data / "consep" / "test"  # 54 nuclei: 4 inflammatory, 22 epithelial, 28 spindle
+    image = np.asarray(Image.open(d / "images" / f"{name}.jpg").convert("RGB").resize((128, 128), Image.LANCZOS))
+    inst, types = (np.asarray(Image.open(d / sub / f"{name}.png").resize((128, 128), Image.NEAREST)).astype(np.int64)
+                   for sub in ("inst", "types"))
+    pred_inst, pred_cls = seg.classify([image])[0]
+    assert set(np.unique(pred_cls)) <= {0, 1, 2, 3, 4} and np.array_equal(pred_cls > 0, pred_inst > 0)
+    f1 = {k: v["value"] for k, v in typed_scores([(pred_inst, pred_cls)], [inst], [types], n_boot=0)["f1"].items() if v}
+    # measured on this tile (2026-12-05): detection 0.587, epithelial 0.300, spindle 0.366, inflammatory 0.316
+    assert f1["detection"] > 0.45 and f1["epithelial"] > 0.2 and f1["spindle-shaped"] > 0.25
+    blank = typed_scores(seg.classify([np.full_like(image, 235)]), [inst], [types], n_boot=0)["f1"]
+    assert blank["detection"]["value"] == 0 and blank["spindle-shaped"]["value"] == 0
