@@ -1,7 +1,7 @@
 """Segmentation utility of a mask model's synthetic pairs (issue #13): one resumable command.
 
     nice -n 19 python -m recipes.seg_utility --data ../shared/data --work runs/masks2/utility \\
-        [--n-synthetic 300] [--gen-steps 20] [--steps 600] [--threads 1]
+        [--n-synthetic 200] [--gen-steps 20] [--steps 500] [--threads 1]
 
 Does a nuclei segmenter trained on synthetic (image, mask) pairs segment real tissue? The
 untyped nuclei segmenter of :mod:`metrics.nuclei` (TinyUNet, foreground + boundary, watershed
@@ -161,14 +161,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", type=Path, required=True, help="the shared data folder (consep/, monuseg/)")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--synthetic", type=Path, nargs="+", help="ready paired folders (images/ + inst/) instead of generating")
-    p.add_argument("--n-synthetic", type=int, default=300, help="sampled-layout pairs to generate")
+    p.add_argument("--n-synthetic", type=int, default=200, help="sampled-layout pairs to generate")
     p.add_argument("--part", type=int, default=50, help="pairs per generation part (the unit of resumption)")
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps of the generator")
     p.add_argument("--seed-synthetic", type=int, default=10000, help="seed of the first sampled layout")
     p.add_argument("--model", type=Path, help="generator (default: the bundled pixgen-default)")
     p.add_argument("--mask-model", type=Path, help="mask model (default: the bundled pixgen-masks)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms to train and score")
-    p.add_argument("--steps", type=int, default=600, help="training steps of every segmenter")
+    p.add_argument("--steps", type=int, default=500, help="training steps of every segmenter")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the 10 %% subset")
