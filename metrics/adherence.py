@@ -29,7 +29,8 @@ from pixgen.errors import InputError
 if TYPE_CHECKING:
     from metrics.nuclei import NucleiSegmenter
 
-__all__ = ["score_folder", "score_pairs", "score_types", "bundled_segmenter", "typed_segmenter", "relative"]
+__all__ = ["score_folder", "score_pairs", "score_types", "type_counts_folder", "bundled_segmenter", "typed_segmenter",
+           "relative"]
 
 Segmenter = Callable[[np.ndarray], np.ndarray]
 
@@ -51,15 +52,23 @@ def typed_segmenter(folder: str | Path | None = None) -> "NucleiSegmenter":
     return NucleiSegmenter.load(folder or TYPED)
 
 
+def type_counts_folder(segmenter: "NucleiSegmenter", folder: str | Path) -> np.ndarray:
+    """Per-image pairing counts (:func:`metrics.nuclei.typed_counts`) of a typed segmenter on the
+    images of a paired folder against its masks (``inst/`` + ``types/``), in file-name order."""
+    from metrics.nuclei import typed_counts
+
+    data = load_mask_folder(folder)
+    if data.types is None:
+        raise InputError(f"{folder} has no class maps for its masks", fix="per-class F1 needs types/ PNGs beside inst/ (CoNSeP layout)")
+    return typed_counts(segmenter.classify(data.images), data.instances, data.types, segmenter.n_types)
+
+
 def score_types(segmenter: "NucleiSegmenter", folder: str | Path, n_boot: int = 200) -> dict[str, Any]:
     """Detection and per-class type F1 (:func:`metrics.nuclei.typed_scores`) of a typed
     segmenter on the images of a paired folder against its masks (``inst/`` + ``types/``)."""
     from metrics.nuclei import typed_scores
 
-    data = load_mask_folder(folder)
-    if data.types is None:
-        raise InputError(f"{folder} has no class maps for its masks", fix="per-class F1 needs types/ PNGs beside inst/ (CoNSeP layout)")
-    return typed_scores(segmenter.classify(data.images), data.instances, data.types, segmenter.n_types, n_boot=n_boot)
+    return typed_scores(type_counts_folder(segmenter, folder), n_boot=n_boot)
 
 
 def score_pairs(segment: Segmenter, images: list[np.ndarray], masks: list[np.ndarray],

@@ -12,7 +12,7 @@ Stages (each skipped when its output exists):
 3. ``scores``    Dice / AJI of the bundled nuclei segmenter (``metrics.nuclei``, trained on the
                  CoNSeP + MoNuSeg train tiles at 0.5 um/px), and detection / per-class type F1 of
                  the typed segmenter (``metrics/weights/nuclei-types``, CoNSeP train tiles), on real
-                 (ceiling), gen and floor                                         -> WORK/scores.json
+                 (ceiling), gen and floor, and gen minus floor per class (paired) -> WORK/scores.json
 4. ``sheet``     mask | generated | no mask | real for 6 tiles                   -> WORK/sheet.png
 """
 
@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--typed-segmenter", type=Path, help="typed nuclei segmenter (default: the bundled nuclei-types)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from metrics.adherence import bundled_segmenter, relative, score_folder, score_types, typed_segmenter
+    from metrics.adherence import bundled_segmenter, relative, score_folder, type_counts_folder, typed_segmenter
+    from metrics.nuclei import typed_difference, typed_scores
 
     a.work.mkdir(parents=True, exist_ok=True)
     real = _write_real(a.data, a.work / "real", a.tiles)
@@ -106,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     floor = _generate(a.model, a.mask_model, real, a.work / "floor", 0.0, a.steps)
     typed = typed_segmenter(a.typed_segmenter)
     sets = (("ceiling_real", real), ("generated", gen), ("floor_no_mask", floor))
-    scores = {name: {**score_folder(segment, folder), "type_f1": score_types(typed, folder)} for name, folder in sets}
+    counts = {name: type_counts_folder(typed, folder) for name, folder in sets}  # same masks, same order
+    scores = {name: {**score_folder(segment, folder), "type_f1": typed_scores(counts[name])} for name, folder in sets}
+    scores["type_f1_generated_minus_floor"] = typed_difference(counts["generated"], counts["floor_no_mask"])
     ceiling_f1, gen_f1 = (scores[k]["type_f1"]["f1"] for k in ("ceiling_real", "generated"))
     scores["type_f1_vs_ceiling"] = {k: round(gen_f1[k]["value"] / ceiling_f1[k]["value"], 4)
                                     if gen_f1[k] and ceiling_f1[k] and ceiling_f1[k]["value"] else None for k in gen_f1}

@@ -79,6 +79,11 @@ def test_per_class_f1_is_exact_on_a_hand_made_case():
     # detection 2*3 / (2*3 + 1 + 1); F_c = 2 tp_c / (2 (tp_c + fp_c + fn_c) + fp_d + fn_d)
     assert f1 == {"detection": 0.75, "other": 0.0, "inflammatory": 0.5, "epithelial": 0.0, "spindle-shaped": 1.0}
     assert s["n_true"] == {"other": 0, "inflammatory": 2, "epithelial": 1, "spindle-shaped": 1}
+    from metrics.nuclei import typed_counts, typed_difference
+
+    perfect, found = typed_counts([gt], [gt[0]], [gt[1]]), typed_counts([pred], [gt[0]], [gt[1]], radius=6)
+    diff = typed_difference(found, perfect, n_boot=0)  # paired: found minus a perfect segmentation
+    assert diff["detection"]["value"] == -0.25 and diff["inflammatory"]["value"] == -0.5 and diff["other"] is None
     far = typed_scores([_square_map([(13, 5, 2), (5, 21, 3), (20, 20, 4), (28, 28, 1)])], [gt[0]], [gt[1]], radius=6, n_boot=0)
     assert far["f1"]["inflammatory"]["value"] == 0.0  # 8 px from its nucleus: beyond the radius, unpaired
     assert far["f1"]["detection"]["value"] == 0.5  # 2*2 / (4 + 2 + 2)
