@@ -22,6 +22,10 @@ boundary map from the foreground-minus-boundary cores. Reproduce it and its test
 
     nice -n 19 python -m metrics.nuclei --data ../shared/data --out metrics/weights/nuclei-seg
 
+The typed segmenter (``metrics/weights/nuclei-types``, :data:`TYPED`) adds a type head for
+CoNSeP's 4 nucleus types (trained on CoNSeP train tiles: ``--types``); :meth:`NucleiSegmenter.classify`
+gives (instance map, class map) pairs and :func:`typed_scores` HoVer-Net's per-class F1.
+
 Example:
     >>> seg = NucleiSegmenter.load()                                          # doctest: +SKIP
     >>> stats = nuclear_features(real_tiles, seg)                             # doctest: +SKIP

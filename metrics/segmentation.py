@@ -76,7 +76,7 @@ class MaskSet:
             >>> s.subset([2, 0]).paths
             ['c', 'a']
         """
-        pick = lambda xs: [xs[i] for i in index]  # noqa: E731
+        pick = lambda xs: [xs[i] for i in index]
         return MaskSet(pick(self.images), pick(self.instances), pick(self.paths), None if self.types is None else pick(self.types))
 
 
@@ -196,11 +196,10 @@ def instance_classes(inst: np.ndarray, class_map: np.ndarray) -> tuple[np.ndarra
     props = regionprops_table(inst, properties=("label", "centroid"))
     xy = np.stack([props["centroid-0"], props["centroid-1"]], 1) if len(props["label"]) else np.zeros((0, 2))
     k, c = inst.ravel(), np.asarray(class_map, np.int64).ravel()
-    votes = np.bincount(k * (c.max() + 1 if c.size else 1) + c, minlength=(k.max() + 1) * (c.max() + 1 if c.size else 1))
-    votes = votes.reshape(k.max() + 1, -1)[props["label"]]  # (K, classes)
+    n_cls = int(c.max(initial=0)) + 1
+    votes = np.bincount(k * n_cls + c, minlength=(int(k.max(initial=0)) + 1) * n_cls).reshape(-1, n_cls)[props["label"]]  # (K, classes)
     votes[:, 0] = 0  # background pixels of an instance do not vote
-    classes = np.where(votes.max(1) > 0, votes.argmax(1), 0) if len(votes) else np.zeros(0, np.int64)
-    return xy, classes
+    return xy, np.where(votes.max(1, initial=0) > 0, votes.argmax(1), 0)
 
 
 def type_counts(gt_inst: np.ndarray, gt_classes: np.ndarray, pred_inst: np.ndarray, pred_classes: np.ndarray,
@@ -245,7 +244,7 @@ def typed_f1(counts: np.ndarray) -> dict[str, float]:
         {'detection': 0.6666666666666666, '1': 1.0, '2': 0.0}
     """
     counts = np.asarray(counts, np.float64)
-    ratio = lambda num, den: float(num / den) if den > 0 else float("nan")  # noqa: E731
+    ratio = lambda num, den: float(num / den) if den > 0 else float("nan")
     tp, fp, fn = counts[0, :3]
     out = {"detection": ratio(2 * tp, 2 * tp + fp + fn)}
     for c in range(1, len(counts)):

@@ -103,7 +103,7 @@ def train_arms(arms: Sequence[str], work: Path, real: MaskSet, synthetic: MaskSe
         if not (folder / "config.json").is_file():
             data = _arm_data(arm, real, synthetic, seed)
             t0 = time.perf_counter()
-            log = lambda s, arm=arm: print(f"[{arm}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+            log = lambda s, arm=arm: print(f"[{arm}] {s}", file=sys.stderr, flush=True)
             model = train_segmenter(data, steps=steps, crop=crop, batch_size=batch_size, seed=seed,
                                     targets=foreground_boundary_target, log=log)
             NucleiSegmenter(model).save(folder, name=f"seg-utility:{arm}", arm=arm, n_train=len(data), steps=steps, crop=crop,
