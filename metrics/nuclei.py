@@ -22,6 +22,10 @@ boundary map from the foreground-minus-boundary cores. Reproduce it and its test
 
     nice -n 19 python -m metrics.nuclei --data ../shared/data --out metrics/weights/nuclei-seg
 
+The typed segmenter (``metrics/weights/nuclei-types``, :data:`TYPED`) adds a type head for
+CoNSeP's 4 nucleus types (trained on CoNSeP train tiles: ``--types``); :meth:`NucleiSegmenter.classify`
+gives (instance map, class map) pairs and :func:`typed_scores` HoVer-Net's per-class F1.
+
 Example:
     >>> seg = NucleiSegmenter.load()                                          # doctest: +SKIP
     >>> stats = nuclear_features(real_tiles, seg)                             # doctest: +SKIP
@@ -45,10 +49,12 @@ from PIL import Image
 
 from metrics.segmentation import MaskSet, TinyUNet, aji, dice, load_mask_folder, train_segmenter
 from metrics.stats import Estimate
-from pixgen.errors import ModelLoadError, PixgenError
+from pixgen.errors import InputError, ModelLoadError, PixgenError
 
 __all__ = [
     "BUNDLED",
+    "TYPED",
+    "TYPE_NAMES",
     "TILE_FEATURES",
     "NUCLEUS_FEATURES",
     "NucleiSegmenter",
@@ -61,10 +67,15 @@ __all__ = [
     "load_training_tiles",
     "train_nuclei_segmenter",
     "score_segmenter",
+    "typed_counts",
+    "typed_scores",
+    "typed_difference",
     "main",
 ]
 
 BUNDLED = Path(__file__).parent / "weights" / "nuclei-seg"
+TYPED = Path(__file__).parent / "weights" / "nuclei-types"  # with a type head: CoNSeP's 4 nucleus types
+TYPE_NAMES = ("other", "inflammatory", "epithelial", "spindle-shaped")  # classes 1..4, as pixgen.masks.CLASSES
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 MPP = 0.5  # um/px the segmenter works at: the generator's scale
 TILE = 128  # px: a 64 um field
@@ -72,6 +83,7 @@ FIELD_PX = TILE * TILE  # pixels of a 64 x 64 um field at MPP
 TILE_FEATURES = ("nuclei_per_field", "nuclear_fraction")
 NUCLEUS_FEATURES = ("area_um2", "eccentricity", "solidity", "hematoxylin", "chromatin_sd", "edge_contrast")
 RING = 2  # px (1 um) around a nucleus: its surroundings for edge_contrast
+MATCH_RADIUS = 6.0  # px (3 um): centroid pairing radius for type F1, HoVer-Net's 12 px at 0.25 um/px
 _RECIPE = "python -m metrics.nuclei --data ../shared/data --out DIR"
 
 
@@ -147,12 +159,15 @@ def _rescale(image: np.ndarray, factor: float, resample: int = Image.LANCZOS) ->
 
 @dataclass
 class NucleiSegmenter:
-    """A two-output :class:`TinyUNet` (foreground, boundary) working at ``mpp`` um/px.
+    """A :class:`TinyUNet` with outputs foreground, boundary and, for a typed segmenter, one
+    logit per nucleus type (``n_types``), working at ``mpp`` um/px.
 
     Example:
         >>> seg = NucleiSegmenter(TinyUNet(out_channels=2))
         >>> seg.instances([np.zeros((64, 64, 3), np.uint8)])[0].shape
         (64, 64)
+        >>> typed = NucleiSegmenter.load(TYPED)                                  # doctest: +SKIP
+        >>> inst, classes = typed.classify([tile])[0]   # classes: 0 background, 1..4 TYPE_NAMES  # doctest: +SKIP
     """
 
     model: TinyUNet
@@ -171,7 +186,7 @@ class NucleiSegmenter:
             raise ModelLoadError(f"no nuclei segmenter in {folder} (needs {WEIGHTS} and {CONFIG})", fix=f"train one: {_RECIPE}")
         try:
             info = json.loads((folder / CONFIG).read_text())
-            model = TinyUNet(int(info["width"]), out_channels=2)
+            model = TinyUNet(int(info["width"]), out_channels=len(info.get("outputs", "ab")))
             model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()})
         except Exception as err:  # bad JSON, missing keys, other shapes, corrupt file
             raise ModelLoadError(f"unreadable nuclei segmenter in {folder}: {type(err).__name__}: {str(err)[:200]}", fix=f"retrain it: {_RECIPE}") from err
@@ -185,15 +200,22 @@ class NucleiSegmenter:
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(folder / WEIGHTS))
+        types = [f"type:{n}" for n in TYPE_NAMES[: self.n_types]]
         config = {"architecture": "metrics.segmentation.TinyUNet", "width": self.model.enc1[0].out_channels,
-                  "outputs": ["foreground", "boundary"], "mpp": self.mpp, "threshold": self.threshold, "min_size": self.min_size, **info}
+                  "outputs": ["foreground", "boundary", *types], "mpp": self.mpp, "threshold": self.threshold, "min_size": self.min_size, **info}
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         self.info = config
         return folder
 
+    @property
+    def n_types(self) -> int:
+        """Nucleus types of the type head (0: an untyped segmenter)."""
+        return self.model.head.out_channels - 2
+
     @torch.no_grad()
     def probabilities(self, images: Sequence[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
-        """(2, H, W) foreground and boundary probabilities per HWC uint8 image (at the segmenter's scale)."""
+        """(2, H, W) foreground and boundary probabilities per HWC uint8 image (at the segmenter's
+        scale), then, for a typed segmenter, the type head's raw logits (n_types, H, W)."""
         from metrics.segmentation import _to_input
 
         out: list[np.ndarray] = []
@@ -205,13 +227,29 @@ class NucleiSegmenter:
                 j += 1
             h, w = images[i].shape[:2]
             x = torch.nn.functional.pad(_to_input(images[i:j]), (0, -w % 4, 0, -h % 4), mode="reflect")
-            out += list(torch.sigmoid(model(x))[:, :, :h, :w].numpy())
+            logit = model(x)[:, :, :h, :w]
+            out += list(torch.cat([torch.sigmoid(logit[:, :2]), logit[:, 2:]], 1).numpy())
             i = j
         return out
 
     def instances(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Instance maps of HWC uint8 images already at the segmenter's ``mpp``."""
         return [instances_from_maps(p[0], p[1], self.threshold, self.min_size) for p in self.probabilities(images)]
+
+    def classify(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(instance map, class map) per HWC uint8 image at the segmenter's ``mpp``: every nucleus
+        takes the type most of its pixels vote for (HoVer-Net's rule); classes 1..``n_types``
+        (:data:`TYPE_NAMES`), 0 = background."""
+        from metrics.segmentation import instance_classes
+
+        if not self.n_types:
+            raise InputError("this nuclei segmenter has no type head", fix=f"load the typed one: NucleiSegmenter.load(TYPED) ({TYPED})")
+        out = []
+        for p in self.probabilities(images):
+            inst = instances_from_maps(p[0], p[1], self.threshold, self.min_size)
+            _, classes = instance_classes(inst, np.where(inst > 0, p[2:].argmax(0) + 1, 0))
+            out.append((inst, np.concatenate([[0], classes])[inst]))  # instance ids are 1..K in order
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,10 +416,10 @@ def nuclear_statistics(
 # ---------------------------------------------------------------------------------------------
 
 
-def _tiles_of(images: list[np.ndarray], instances: list[np.ndarray], paths: list[str]) -> MaskSet:
+def _tiles_of(ms: MaskSet) -> MaskSet:
     """Cut images larger than a tile into an overlapping grid of ``TILE`` px tiles covering them."""
-    out = MaskSet([], [], [])
-    for im, inst, path in zip(images, instances, paths):
+    out = MaskSet([], [], [], None if ms.types is None else [])
+    for k, (im, inst, path) in enumerate(zip(ms.images, ms.instances, ms.paths)):
         h, w = inst.shape
         ys = np.linspace(0, h - TILE, max(1, int(np.ceil(h / TILE)))).round().astype(int) if h > TILE else [0]
         xs = np.linspace(0, w - TILE, max(1, int(np.ceil(w / TILE)))).round().astype(int) if w > TILE else [0]
@@ -390,14 +428,18 @@ def _tiles_of(images: list[np.ndarray], instances: list[np.ndarray], paths: list
                 out.images.append(np.ascontiguousarray(im[y : y + TILE, x : x + TILE]))
                 out.instances.append(np.ascontiguousarray(inst[y : y + TILE, x : x + TILE]))
                 out.paths.append(f"{path}@{y},{x}")
+                if out.types is not None:
+                    out.types.append(np.ascontiguousarray(ms.types[k][y : y + TILE, x : x + TILE]))
     return out
 
 
-def load_training_tiles(data: str | Path, split: str = "train", source_mpp: float = 0.25, tile: bool = True) -> dict[str, MaskSet]:
-    """CoNSeP and MoNuSeg ``split`` images with instance maps, rescaled from ``source_mpp`` to the
-    segmenter's 0.5 um/px (LANCZOS images, nearest-neighbour instance ids) and, with ``tile``,
-    cut into 128 px tiles. MoNuSeg images whose instances are merged connected components
-    (``index.json``: ``binary-components``) are left out: they would teach merged nuclei.
+def load_training_tiles(data: str | Path, split: str = "train", source_mpp: float = 0.25, tile: bool = True,
+                        sources: Sequence[str] = ("consep", "monuseg")) -> dict[str, MaskSet]:
+    """CoNSeP and MoNuSeg ``split`` images with instance maps (and CoNSeP's class maps), rescaled
+    from ``source_mpp`` to the segmenter's 0.5 um/px (LANCZOS images, nearest-neighbour instance
+    ids and classes) and, with ``tile``, cut into 128 px tiles. MoNuSeg images whose instances are
+    merged connected components (``index.json``: ``binary-components``) are left out: they would
+    teach merged nuclei.
 
     Example:
         >>> sets = load_training_tiles("../shared/data")         # doctest: +SKIP
@@ -408,14 +450,13 @@ def load_training_tiles(data: str | Path, split: str = "train", source_mpp: floa
     index = data / "monuseg" / "index.json"
     merged = {e["id"] for e in json.loads(index.read_text()) if e["instances"] != "xml"} if index.is_file() else set()
     out = {}
-    for source in ("consep", "monuseg"):
+    for source in sources:
         ms = load_mask_folder(data / source / split)
         keep = [i for i, p in enumerate(ms.paths) if Path(p).stem not in merged]
         factor = source_mpp / MPP
-        images = [_rescale(ms.images[i], factor) for i in keep]
-        instances = [_rescale(ms.instances[i], factor) for i in keep]
-        paths = [ms.paths[i] for i in keep]
-        out[source] = _tiles_of(images, instances, paths) if tile else MaskSet(images, instances, paths)
+        ms = MaskSet([_rescale(ms.images[i], factor) for i in keep], [_rescale(ms.instances[i], factor) for i in keep],
+                     [ms.paths[i] for i in keep], None if ms.types is None else [_rescale(ms.types[i], factor) for i in keep])
+        out[source] = _tiles_of(ms) if tile else ms
     return out
 
 
@@ -429,36 +470,106 @@ def foreground_boundary_target(instances: np.ndarray) -> np.ndarray:
 
 def train_nuclei_segmenter(
     data: str | Path, steps: int = 1000, width: int = 16, crop: int = 64, batch_size: int = 16, seed: int = 0,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, typed: bool = False,
 ) -> NucleiSegmenter:
     """Train the segmenter on CoNSeP + MoNuSeg train tiles (:func:`load_training_tiles`) with
     :func:`metrics.segmentation.train_segmenter` on foreground + boundary targets, ``crop`` px crops.
+    ``typed``: on CoNSeP train tiles only (the typed dataset), with a type head for its 4 types.
 
     Example:
         >>> seg = train_nuclei_segmenter("../shared/data")   # doctest: +SKIP
     """
-    sets = load_training_tiles(data, "train")
-    both = sets["consep"].concat(sets["monuseg"])
-    model = train_segmenter(both, steps=steps, crop=crop, batch_size=batch_size, seed=seed, targets=foreground_boundary_target, width=width, log=log)
+    sets = load_training_tiles(data, "train", sources=("consep",) if typed else ("consep", "monuseg"))
+    both = sets["consep"] if typed else sets["consep"].concat(sets["monuseg"])
+    model = train_segmenter(both, steps=steps, crop=crop, batch_size=batch_size, seed=seed, targets=foreground_boundary_target,
+                            n_types=len(TYPE_NAMES) if typed else 0, width=width, log=log)
     seg = NucleiSegmenter(model)
     seg.info = {"n_train_tiles": {k: len(v) for k, v in sets.items()}}
     return seg
 
 
-def score_segmenter(segmenter: NucleiSegmenter, test: MaskSet) -> dict[str, float]:
+def score_segmenter(segmenter: NucleiSegmenter, test: MaskSet) -> dict[str, Any]:
     """Mean per-image foreground Dice, AJI and F1 at IoU 0.5, and the Pearson correlation and
-    mean absolute error of per-image nucleus counts, on images at the segmenter's scale."""
-    pred = segmenter.instances(test.images)
+    mean absolute error of per-image nucleus counts, on images at the segmenter's scale; for a
+    typed segmenter on a set with class maps also ``type_f1`` (:func:`typed_scores`)."""
+    typed = segmenter.n_types > 0 and test.types is not None
+    out = segmenter.classify(test.images) if typed else None
+    pred = [o[0] for o in out] if typed else segmenter.instances(test.images)
     d = [dice(p > 0, g > 0) for p, g in zip(pred, test.instances)]
     a = [aji(g, p) for p, g in zip(pred, test.instances)]
     f = [match_f1(g, p) for p, g in zip(pred, test.instances)]
     n_pred = np.array([len(np.unique(p)) - 1 for p in pred])
     n_true = np.array([len(np.unique(g)) - 1 for g in test.instances])
-    return {
+    scores: dict[str, Any] = {
         "n_images": len(pred), "dice": float(np.mean(d)), "aji": float(np.nanmean(a)), "f1_iou50": float(np.mean(f)),
         "count_pearson": float(np.corrcoef(n_true, n_pred)[0, 1]) if min(n_true.std(), n_pred.std()) > 0 else None,
         "count_mae": float(np.abs(n_true - n_pred).mean()), "count_true_mean": float(n_true.mean()), "count_pred_mean": float(n_pred.mean()),
     }
+    if typed:
+        scores["type_f1"] = typed_scores(out, test.instances, test.types, segmenter.n_types, n_boot=200)
+    return scores
+
+
+def typed_counts(predicted: Sequence[tuple[np.ndarray, np.ndarray]], instances: Sequence[np.ndarray], types: Sequence[np.ndarray],
+                 n_types: int = len(TYPE_NAMES), radius: float = MATCH_RADIUS) -> np.ndarray:
+    """Per-image pairing counts ``(N, n_types + 1, 5)`` (:func:`metrics.segmentation.type_counts`)
+    of predicted ``(instance map, class map)`` pairs against true instance and class maps."""
+    from metrics.segmentation import type_counts
+
+    return np.stack([type_counts(g, t, p, c, n_types, radius) for (p, c), g, t in zip(predicted, instances, types)])
+
+
+def _names(n_types: int) -> dict[str, str]:
+    return {"detection": "detection", **{str(k): TYPE_NAMES[k - 1] for k in range(1, n_types + 1)}}
+
+
+def typed_scores(predicted: Sequence[tuple[np.ndarray, np.ndarray]] | np.ndarray, instances: Sequence[np.ndarray] = (),
+                 types: Sequence[np.ndarray] = (), n_types: int = len(TYPE_NAMES), radius: float = MATCH_RADIUS,
+                 n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Detection F1 and per-class type F1 (:func:`metrics.segmentation.typed_f1`, pooled over the
+    images as HoVer-Net / CoNSeP practice; nuclei paired by centroid within ``radius`` px) of
+    predicted ``(instance map, class map)`` pairs against true ones (or of ready
+    :func:`typed_counts`), each with a 95 % bootstrap interval over images (``None`` for a class
+    neither present nor predicted), plus the true nuclei per class.
+
+    Example:
+        >>> s = typed_scores(seg.classify(images), insts, types)    # doctest: +SKIP
+        >>> s["f1"]["inflammatory"]["value"]                        # doctest: +SKIP
+    """
+    from metrics.segmentation import typed_f1
+    from metrics.stats import estimate
+
+    counts = predicted if isinstance(predicted, np.ndarray) else typed_counts(predicted, instances, types, n_types, radius)
+    names = _names(counts.shape[1] - 1)
+    value = typed_f1(counts.sum(0))
+    f1 = {names[k]: estimate(v, lambda i, k=k: typed_f1(counts[i].sum(0))[k], [len(counts)], n_boot, seed) if np.isfinite(v) else None
+          for k, v in value.items()}  # None: a class neither present nor predicted (F1 undefined)
+    true_per_class = counts[:, 1:, 0].sum(0) + counts[:, 1:, 2].sum(0) + counts[:, 1:, 4].sum(0)  # tp_c + fn_c + fn_d
+    return {"f1": f1, "n_true": {names[str(k)]: int(n) for k, n in enumerate(true_per_class, 1)},
+            "radius_px": radius, "radius_um": radius * MPP, "n_images": len(counts)}
+
+
+def typed_difference(counts_a: np.ndarray, counts_b: np.ndarray, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    """F1 of set A minus F1 of set B per class (detection too), for two :func:`typed_counts` of
+    the same true masks in the same order (e.g. generated with and without the mask): a paired
+    bootstrap resamples the same images for both. ``None`` where either F1 is undefined.
+
+    Example:
+        >>> typed_difference(typed_counts(gen, insts, types), typed_counts(floor, insts, types))  # doctest: +SKIP
+    """
+    from metrics.segmentation import typed_f1
+    from metrics.stats import estimate
+
+    if counts_a.shape != counts_b.shape:
+        raise InputError(f"paired counts differ in shape: {counts_a.shape} vs {counts_b.shape}", fix="score the same masks in both sets")
+    a, b = typed_f1(counts_a.sum(0)), typed_f1(counts_b.sum(0))
+    names = _names(counts_a.shape[1] - 1)
+
+    def diff(i: np.ndarray, k: str) -> float:
+        return typed_f1(counts_a[i].sum(0))[k] - typed_f1(counts_b[i].sum(0))[k]
+
+    return {names[k]: estimate(a[k] - b[k], lambda i, k=k: diff(i, k), [len(counts_a)], n_boot, seed)
+            if np.isfinite(a[k] - b[k]) else None for k in a}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,6 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-only", action="store_true", help="only score the segmenter already in --out")
+    ap.add_argument("--types", action="store_true", help="with a type head for CoNSeP's 4 nucleus types, trained on "
+                    "CoNSeP train only (the bundled metrics/weights/nuclei-types)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -483,15 +596,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = {k: v for k, v in seg.info.items() if k not in ("architecture", "width", "outputs", "mpp", "threshold", "min_size")}
         else:
             seg = train_nuclei_segmenter(args.data, args.steps, args.width, args.crop, args.batch_size, args.seed,
-                                         log=lambda s: print(s, file=sys.stderr, flush=True))
+                                         log=lambda s: print(s, file=sys.stderr, flush=True), typed=args.types)
             info = {**seg.info, "steps": args.steps, "crop": args.crop, "batch_size": args.batch_size, "seed": args.seed,
                     "train_seconds": round(time.perf_counter() - t0, 1),
                     "recipe": f"python -m metrics.nuclei --data DATA --out DIR --steps {args.steps} --width {args.width} "
-                              f"--crop {args.crop} --batch-size {args.batch_size} --seed {args.seed} --threads {args.threads}"}
+                              f"--crop {args.crop} --batch-size {args.batch_size} --seed {args.seed} --threads {args.threads}"
+                              + (" --types" if args.types else "")}
         tests = load_training_tiles(args.data, "test", tile=False)  # whole images: CoNSeP tiles, MoNuSeg 500 px
         info["test"] = {name: score_segmenter(seg, ms) for name, ms in tests.items()}
         info["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        seg.save(args.out, name="nuclei-seg", **info)
+        seg.save(args.out, name=info.pop("name", "nuclei-types" if seg.n_types else "nuclei-seg"), **info)
     except PixgenError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
-"""Nuclei segmentation for the mask-utility test: a tiny U-Net, Dice and AJI.
+"""Nuclei segmentation for the mask-utility test: a tiny U-Net (optionally with a nucleus-type
+head), Dice, AJI and per-class F1 of nucleus types.
 
-Instance maps are integer arrays (0 = background, 1..K = nuclei). Predicted instances are
-the connected components (4-connectivity, scikit-image) of the thresholded probability map.
+Instance maps are integer arrays (0 = background, 1..K = nuclei); class maps give each pixel
+a nucleus type (0 = background, 1..T, as CoNSeP's ``types/``). Predicted instances are the
+connected components (4-connectivity, scikit-image) of the thresholded probability map.
 
 Example:
     >>> gt = np.zeros((8, 8), int); gt[1:4, 1:4] = 1; gt[5:8, 5:8] = 2
@@ -30,6 +32,9 @@ __all__ = [
     "is_mask_folder",
     "dice",
     "aji",
+    "instance_classes",
+    "type_counts",
+    "typed_f1",
     "instances_from_probability",
     "TinyUNet",
     "foreground_target",
@@ -47,17 +52,32 @@ MASK_DIRS = ("inst", "masks")
 
 @dataclass
 class MaskSet:
-    """Images (HWC uint8) with their instance maps (HW int, 0 = background)."""
+    """Images (HWC uint8) with their instance maps (HW int, 0 = background) and, where known,
+    their class maps (HW int, 0 = background, 1..T nucleus types; ``None`` for binary datasets)."""
 
     images: list[np.ndarray]
     instances: list[np.ndarray]
     paths: list[str]
+    types: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def concat(self, other: "MaskSet") -> "MaskSet":
-        return MaskSet(self.images + other.images, self.instances + other.instances, self.paths + other.paths)
+        """Both sets in one; class maps are kept only when both sets have them."""
+        types = self.types + other.types if self.types is not None and other.types is not None else None
+        return MaskSet(self.images + other.images, self.instances + other.instances, self.paths + other.paths, types)
+
+    def subset(self, index: Sequence[int]) -> "MaskSet":
+        """The items at ``index``, in that order.
+
+        Example:
+            >>> s = MaskSet([np.zeros((4, 4, 3))] * 3, [np.zeros((4, 4))] * 3, ["a", "b", "c"])
+            >>> s.subset([2, 0]).paths
+            ['c', 'a']
+        """
+        pick = lambda xs: [xs[i] for i in index]
+        return MaskSet(pick(self.images), pick(self.instances), pick(self.paths), None if self.types is None else pick(self.types))
 
 
 def is_mask_folder(root: str | Path) -> bool:
@@ -68,7 +88,8 @@ def is_mask_folder(root: str | Path) -> bool:
 
 def load_mask_folder(root: str | Path, max_images: int | None = None, seed: int = 0) -> MaskSet:
     """Read ``images/`` and the same-stem files of ``inst/`` (uint16 instance maps) or ``masks/``
-    (binary masks; instances = connected components, so touching nuclei merge).
+    (binary masks; instances = connected components, so touching nuclei merge), and of
+    ``types/`` (class maps) when every image has one there.
 
     Example:
         >>> s = load_mask_folder("/data/consep/test", max_images=20)     # doctest: +SKIP
@@ -90,7 +111,9 @@ def load_mask_folder(root: str | Path, max_images: int | None = None, seed: int 
         m = np.asarray(Image.open(masks[f.stem]))
         m = m[..., 0] if m.ndim == 3 else m
         instances.append(m.astype(np.int64) if mask_dir.name == "inst" else connected_components(m > 0, connectivity=1))
-    return MaskSet(images, instances, [str(f) for f in files])
+    type_files = [root / "types" / f"{f.stem}.png" for f in files]
+    types = [np.asarray(Image.open(t)).astype(np.int64) for t in type_files] if all(t.is_file() for t in type_files) else None
+    return MaskSet(images, instances, [str(f) for f in files], types)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +178,79 @@ def aji(gt: np.ndarray, pred: np.ndarray) -> float:
         used[best] = True
     u += area_pr[~used].sum()
     return float(c / u)
+
+
+def instance_classes(inst: np.ndarray, class_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids ``(K, 2)`` (row, column) and classes ``(K,)`` of the nuclei of an instance map;
+    a nucleus's class is the most frequent non-zero class of its pixels (0 when it has none), as
+    HoVer-Net assigns a type to an instance.
+
+    Example:
+        >>> inst = np.array([[1, 1, 0, 2]]); cls = np.array([[3, 3, 0, 1]])
+        >>> xy, c = instance_classes(inst, cls); xy.tolist(), c.tolist()
+        ([[0.0, 0.5], [0.0, 3.0]], [3, 1])
+    """
+    from skimage.measure import regionprops_table
+
+    inst = np.asarray(inst, np.int64)
+    props = regionprops_table(inst, properties=("label", "centroid"))
+    xy = np.stack([props["centroid-0"], props["centroid-1"]], 1) if len(props["label"]) else np.zeros((0, 2))
+    k, c = inst.ravel(), np.asarray(class_map, np.int64).ravel()
+    n_cls = int(c.max(initial=0)) + 1
+    votes = np.bincount(k * n_cls + c, minlength=(int(k.max(initial=0)) + 1) * n_cls).reshape(-1, n_cls)[props["label"]]  # (K, classes)
+    votes[:, 0] = 0  # background pixels of an instance do not vote
+    return xy, np.where(votes.max(1, initial=0) > 0, votes.argmax(1), 0)
+
+
+def type_counts(gt_inst: np.ndarray, gt_classes: np.ndarray, pred_inst: np.ndarray, pred_classes: np.ndarray,
+                n_types: int, radius: float) -> np.ndarray:
+    """Per-image counts for :func:`typed_f1`: nuclei are paired one-to-one by centroid (Hungarian
+    assignment on distance, pairs farther than ``radius`` px dropped), as HoVer-Net's evaluation.
+
+    Returns an int array ``(n_types + 1, 5)``: row 0 = detection ``[tp, fp, fn, 0, 0]``; row c =
+    class c ``[tp_c, fp_c, fn_c, fp_d, fn_d]`` where among the pairs tp_c = both c, fp_c = predicted
+    c but truly another class, fn_c = truly c but predicted another, and fp_d / fn_d = unpaired
+    predicted / true nuclei of class c.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+
+    g_xy, g_c = instance_classes(gt_inst, gt_classes)
+    p_xy, p_c = instance_classes(pred_inst, pred_classes)
+    gi = pi = np.zeros(0, np.int64)
+    if len(g_xy) and len(p_xy):
+        dist = cdist(g_xy, p_xy)
+        gi, pi = linear_sum_assignment(dist)
+        keep = dist[gi, pi] <= radius
+        gi, pi = gi[keep], pi[keep]
+    out = np.zeros((n_types + 1, 5), np.int64)
+    out[0, :3] = len(gi), len(p_xy) - len(pi), len(g_xy) - len(gi)
+    g_un, p_un = np.delete(g_c, gi), np.delete(p_c, pi)
+    for c in range(1, n_types + 1):
+        tg, tp = g_c[gi] == c, p_c[pi] == c
+        out[c] = [(tg & tp).sum(), (~tg & tp).sum(), (tg & ~tp).sum(), (p_un == c).sum(), (g_un == c).sum()]
+    return out
+
+
+def typed_f1(counts: np.ndarray) -> dict[str, float]:
+    """Detection F1 and per-class type F1 from summed :func:`type_counts` (pooled over images, as
+    HoVer-Net / CoNSeP practice): ``F_d = 2 tp / (2 tp + fp + fn)`` and
+    ``F_c = 2 tp_c / (2 tp_c + 2 fp_c + 2 fn_c + fp_d + fn_d)``, so a class is penalised both for
+    wrong types among the paired nuclei and for its unpaired ones. NaN where a class never occurs.
+    Keys: ``detection``, ``1`` .. ``T``.
+
+    Example (two true nuclei of classes 1 and 2; one found and typed right, one missed):
+        >>> typed_f1(np.array([[1, 0, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 1]]))
+        {'detection': 0.6666666666666666, '1': 1.0, '2': 0.0}
+    """
+    counts = np.asarray(counts, np.float64)
+    ratio = lambda num, den: float(num / den) if den > 0 else float("nan")
+    tp, fp, fn = counts[0, :3]
+    out = {"detection": ratio(2 * tp, 2 * tp + fp + fn)}
+    for c in range(1, len(counts)):
+        tp_c, fp_c, fn_c, fp_d, fn_d = counts[c]
+        out[str(c)] = ratio(2 * tp_c, 2 * (tp_c + fp_c + fn_c) + fp_d + fn_d)
+    return out
 
 
 def instances_from_probability(prob: np.ndarray, threshold: float = 0.5, min_size: int = 10) -> np.ndarray:
@@ -224,6 +320,7 @@ def train_segmenter(
     seed: int = 0,
     *,
     targets: Callable[[np.ndarray], np.ndarray] = foreground_target,
+    n_types: int = 0,
     width: int = 16,
     lr: float = 2e-3,
     log: Callable[[str], None] | None = None,
@@ -231,37 +328,56 @@ def train_segmenter(
     """Train a :class:`TinyUNet` on random ``crop`` px crops (with flips) for a fixed number of
     steps (so real-only and real+synthetic runs get the same budget); BCE + soft-Dice loss per
     target channel. ``targets`` maps an instance-map crop to the (C, H, W) target (C = the
-    model's output channels); ``log`` receives a progress line every 100 steps."""
+    model's first output channels); ``log`` receives a progress line every 100 steps.
+
+    With ``n_types`` > 0 (``data.types`` needed) the model has ``n_types`` more outputs, a type
+    head: logits of classes 1..n_types, trained by cross-entropy on nucleus pixels only (as
+    HoVer-Net's type branch; background is the foreground output's job).
+
+    Example:
+        >>> s = MaskSet([np.zeros((16, 16, 3), np.uint8)], [np.ones((16, 16), int)], ["a"], [np.full((16, 16), 2)])
+        >>> train_segmenter(s, steps=1, crop=16, batch_size=1, n_types=4).head.out_channels
+        5
+    """
+    if n_types and data.types is None:
+        raise InputError("a type head needs class maps, and this training set has none",
+                         fix="train on folders with types/ (CoNSeP layout), or pass n_types=0")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = TinyUNet(width, out_channels=len(targets(np.zeros((4, 4), np.int64))))
+    n_out = len(targets(np.zeros((4, 4), np.int64)))
+    model = TinyUNet(width, out_channels=n_out + n_types)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        ims, insts = [], []
+        ims, labels = [], []
         for i in rng.integers(0, len(data), batch_size):
-            im, inst = data.images[i], data.instances[i]
-            h, w = inst.shape
+            im = data.images[i]
+            lab = np.stack([data.instances[i], data.types[i]]) if n_types else data.instances[i][None]  # (1 or 2, H, W)
+            h, w = lab.shape[1:]
             c = min(crop, h, w) // 4 * 4
             y, x = rng.integers(0, h - c + 1), rng.integers(0, w - c + 1)
-            im, inst = im[y : y + c, x : x + c], inst[y : y + c, x : x + c]
+            im, lab = im[y : y + c, x : x + c], lab[:, y : y + c, x : x + c]
             if rng.random() < 0.5:
-                im, inst = im[:, ::-1], inst[:, ::-1]
+                im, lab = im[:, ::-1], lab[:, :, ::-1]
             if rng.random() < 0.5:
-                im, inst = im[::-1], inst[::-1]
+                im, lab = im[::-1], lab[:, ::-1]
             ims.append(np.ascontiguousarray(im))
-            insts.append(np.ascontiguousarray(inst))
-        if len({m.shape for m in insts}) > 1:  # images of mixed small sizes: crop to the smallest
-            s = min(min(m.shape) for m in insts)
-            ims, insts = [m[:s, :s] for m in ims], [m[:s, :s] for m in insts]
+            labels.append(np.ascontiguousarray(lab))
+        if len({m.shape for m in labels}) > 1:  # images of mixed small sizes: crop to the smallest
+            s = min(min(m.shape[1:]) for m in labels)
+            ims, labels = [m[:s, :s] for m in ims], [m[:, :s, :s] for m in labels]
         x = _to_input(ims)
-        target = torch.from_numpy(np.stack([targets(m) for m in insts])).float()  # (B, C, H, W)
+        target = torch.from_numpy(np.stack([targets(m[0]) for m in labels])).float()  # (B, C, H, W)
         logit = model(x)
-        prob = torch.sigmoid(logit)
+        prob = torch.sigmoid(logit[:, :n_out])
         inter, total = (prob * target).sum(dim=(0, 2, 3)), (prob + target).sum(dim=(0, 2, 3))
         soft_dice = (1 - (2 * inter + 1) / (total + 1)).mean()
-        loss = F.binary_cross_entropy_with_logits(logit, target) + soft_dice
+        loss = F.binary_cross_entropy_with_logits(logit[:, :n_out], target) + soft_dice
+        if n_types:
+            cls = torch.from_numpy(np.stack([m[1] for m in labels])) - 1  # (B, H, W); -1 = background, ignored
+            if (cls >= 0).any():
+                loss = loss + F.cross_entropy(logit[:, n_out:], cls, ignore_index=-1)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -10,7 +10,9 @@ Stages (each skipped when its output exists):
 2. ``gen`` / ``floor``  paired sets from the real masks with the ControlNet on / off (same seeds,
                  same ``consep`` bank draws)                                      -> WORK/gen, WORK/floor
 3. ``scores``    Dice / AJI of the bundled nuclei segmenter (``metrics.nuclei``, trained on the
-                 CoNSeP + MoNuSeg train tiles at 0.5 um/px) on real (ceiling), gen and floor -> WORK/scores.json
+                 CoNSeP + MoNuSeg train tiles at 0.5 um/px), and detection / per-class type F1 of
+                 the typed segmenter (``metrics/weights/nuclei-types``, CoNSeP train tiles), on real
+                 (ceiling), gen and floor, and gen minus floor per class (paired) -> WORK/scores.json
 4. ``sheet``     mask | generated | no mask | real for 6 tiles                   -> WORK/sheet.png
 """
 
@@ -92,17 +94,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--tiles", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--typed-segmenter", type=Path, help="typed nuclei segmenter (default: the bundled nuclei-types)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from metrics.adherence import bundled_segmenter, relative, score_folder
+    from metrics.adherence import bundled_segmenter, relative, score_folder, type_counts_folder, typed_segmenter
+    from metrics.nuclei import typed_difference, typed_scores
 
     a.work.mkdir(parents=True, exist_ok=True)
     real = _write_real(a.data, a.work / "real", a.tiles)
     segment = bundled_segmenter()  # the tiles are at its 0.5 um/px
     gen = _generate(a.model, a.mask_model, real, a.work / "gen", 1.0, a.steps)
     floor = _generate(a.model, a.mask_model, real, a.work / "floor", 0.0, a.steps)
-    scores = {name: score_folder(segment, folder) for name, folder in
-              (("ceiling_real", real), ("generated", gen), ("floor_no_mask", floor))}
+    typed = typed_segmenter(a.typed_segmenter)
+    sets = (("ceiling_real", real), ("generated", gen), ("floor_no_mask", floor))
+    counts = {name: type_counts_folder(typed, folder) for name, folder in sets}  # same masks, same order
+    scores = {name: {**score_folder(segment, folder), "type_f1": typed_scores(counts[name])} for name, folder in sets}
+    scores["type_f1_generated_minus_floor"] = typed_difference(counts["generated"], counts["floor_no_mask"])
+    ceiling_f1, gen_f1 = (scores[k]["type_f1"]["f1"] for k in ("ceiling_real", "generated"))
+    scores["type_f1_vs_ceiling"] = {k: round(gen_f1[k]["value"] / ceiling_f1[k]["value"], 4)
+                                    if gen_f1[k] and ceiling_f1[k] and ceiling_f1[k]["value"] else None for k in gen_f1}
     for metric in ("dice", "aji"):
         scores[f"{metric}_relative"] = relative(scores["generated"][metric]["value"],
                                                 scores["floor_no_mask"][metric]["value"],
