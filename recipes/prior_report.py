@@ -40,7 +40,7 @@ import torch
 
 from pixgen.prior import EmbeddingPrior
 
-__all__ = ["embedding_report", "adherence_report", "label_fidelity", "utility_report", "main"]
+__all__ = ["embedding_report", "adherence_report", "label_fidelity", "with_prior", "utility_report", "main"]
 
 MASK_TERMS = ("inflammatory-rich", "epithelial", "spindle", "sparse", "dense")
 
@@ -140,13 +140,30 @@ def _set_spec(model: Path, labels: Sequence[str], n: int, steps: int | None, fro
     return parse_spec(text, "prior_report utility", ".")
 
 
+def with_prior(model: Path, prior: Path, folder: Path) -> Path:
+    """``folder``: ``model``'s components (symlinks) with ``prior`` as its ``prior/`` (a candidate prior
+    measured without copying or changing the model)."""
+    from pixgen.prior import PRIOR_DIR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    links = {e.name: e for e in Path(model).iterdir() if e.name != PRIOR_DIR} | {PRIOR_DIR: Path(prior)}
+    for name, target in links.items():
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(target.resolve(), target_is_directory=target.is_dir())
+    return folder
+
+
 def utility_report(model: str | Path, train_tiles: str | Path, test_tiles: str | Path, sets: str | Path, n: int,
-                   steps: int | None, seeds: Sequence[int] = (0, 1, 2), cnn_steps: int = 150) -> dict[str, dict]:
-    """TSTR and augmentation gain of a prior-sampled and a bank-drawn set (module docstring), per CNN seed.
+                   steps: int | None, seeds: Sequence[int] = (0, 1, 2), cnn_steps: int = 150,
+                   prior_model: str | Path | None = None, classifier: str | Path | None = None) -> dict[str, dict]:
+    """TSTR and augmentation gain of a prior-sampled and a bank-drawn set (module docstring), per CNN seed;
+    the bank set comes from ``model``, the prior set from ``prior_model`` (default: ``model``). With
+    ``classifier`` (``metrics.classifier``) each set's label fidelity is scored too.
 
     Example:
         >>> utility_report("model/", "tiles/", "test-tiles/", "runs/sets", n=40, steps=14)   # doctest: +SKIP
     """
+    from metrics.classifier import score_classifier
     from metrics.images import load_image_folder
     from metrics.utility import classification_utility
     from pixgen.synth import build_set
@@ -157,13 +174,16 @@ def utility_report(model: str | Path, train_tiles: str | Path, test_tiles: str |
     for source in ("prior", "bank"):
         folder = Path(sets) / source
         t0 = time.perf_counter()
-        build_set(_set_spec(Path(model), test.classes, n, steps, from_bank=source == "bank"), folder, progress=False)
+        source_model = Path(model if source == "bank" or prior_model is None else prior_model)
+        build_set(_set_spec(source_model, test.classes, n, steps, from_bank=source == "bank"), folder, progress=False)
         syn = load_image_folder(folder, classes=test.classes)
         out[source] = {"n_per_label": n, "steps": steps, "folder": str(folder),
                        "generate_seconds": round(time.perf_counter() - t0, 1),
                        "runs": {str(seed): classification_utility(train, test, syn, learners=("small-cnn",), fractions=(0.1,),
                                                                   cnn_steps=cnn_steps, seed=seed)
                                 for seed in seeds}}
+        if classifier is not None:
+            out[source]["label_fidelity"] = score_classifier(classifier, folder)
     return out
 
 
@@ -194,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     prior = EmbeddingPrior.load(args.prior or args.model / PRIOR_DIR)
+    prior_model = with_prior(args.model, args.prior, args.out.parent / f"{args.out.stem}-model") if args.prior else args.model
     train, test = FeatureCache(args.train_cache), FeatureCache(args.test_cache)
     sections = set(args.sections.split(","))
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -206,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["adherence"] = adherence_report(prior, train, test, args.data)
         args.out.write_text(json.dumps(report, indent=1))
     if args.classifier and "fidelity" in sections:
-        report["label_fidelity"] = [label_fidelity(args.model, args.classifier, args.test_tiles, args.images, args.steps)]
+        report["label_fidelity"] = [label_fidelity(prior_model, args.classifier, args.test_tiles, args.images, args.steps)]
         if args.bank:
             report["label_fidelity"].append(label_fidelity(args.model, args.classifier, args.test_tiles, args.images,
                                                            args.steps, from_bank=True))
@@ -214,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (args.train_tiles and args.test_tiles and args.sets):
             ap.error("the utility section needs --train-tiles, --test-tiles and --sets")
         report["utility"] = utility_report(args.model, args.train_tiles, args.test_tiles, args.sets, args.set_images,
-                                           args.steps)
+                                           args.steps, prior_model=prior_model, classifier=args.classifier)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.write_text(json.dumps(report, indent=1))
     for label, r in report.get("embeddings", {}).items():
