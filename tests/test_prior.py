@@ -257,3 +257,18 @@ def test_large_image_label_maps_sample_the_prior_per_region(gen):
     bank = layout_from_label_map(gen, label_map, {(255, 0, 0): "tumour", (0, 0, 255): "stroma"}, seed=5,
                                  region_condition=BankDraw)
     assert torch.allclose(bank.grid.reshape(2, 3, -1)[0, 0], BankDraw("tumour").resolve(gen, [5]).values[0, 0])
+
+
+def test_report_measures_a_candidate_prior_in_a_linked_model_folder(model_dir, tmp_path):
+    """recipes.prior_report --prior: the model's components with the candidate as prior/, nothing copied."""
+    from pixgen.pipeline import Generator
+    from recipes.prior_report import with_prior
+
+    candidate = tiny_prior(seed=1).save(tmp_path / "candidate")
+    linked = with_prior(model_dir, candidate, tmp_path / "linked")
+    again = with_prior(model_dir, candidate, tmp_path / "linked")  # idempotent
+    gen = Generator.from_pretrained(again)
+    c = gen.prior.condition("A")
+    torch.testing.assert_close(gen.prior.sample(c, [3]), EmbeddingPrior.load(candidate).sample(c, [3]))
+    assert not torch.allclose(gen.prior.sample(c, [3]), EmbeddingPrior.load(model_dir / "prior").sample(c, [3]))
+    assert (linked / "prior").resolve() == candidate.resolve() and (model_dir / "prior" / "prior.json").is_file()
