@@ -174,9 +174,9 @@ class EmbeddingPrior:
         return self.vocabulary.parse(label if label is not None else prompt)
 
     def noise(self, seeds: Sequence[int | None], generator: torch.Generator | None = None) -> torch.Tensor:
-        """(N, D) source noise times the temperature, row ``i`` from ``torch.Generator(seeds[i])``
-        (or ``generator`` for None)."""
-        dim = self.flow.config.dim
+        """(N, flow_dim) source noise times the temperature, row ``i`` from ``torch.Generator(seeds[i])``
+        (or ``generator`` for None); flow_dim is the embedding width, or the rank of a whitened flow."""
+        dim = self.flow.flow_dim
         return self.temperature * torch.stack(
             [torch.randn(dim, generator=generator if s is None else torch.Generator().manual_seed(s)) for s in seeds])
 

@@ -114,9 +114,10 @@ def training_arrays(embeddings: np.ndarray, terms: list[list[str]], vocab: Vocab
 def train_prior(embeddings: np.ndarray, terms: list[list[str]], out: Path, steps: int = 4000, hidden: int = 128,
                 num_blocks: int = 3, copies: int = 4, encoder: str | None = "pixgen-ssl", seed: int = 0,
                 vocabulary: Sequence[Term] = VOCABULARY, labels: dict[str, list[str]] | None = None,
-                batch_size: int = 256) -> EmbeddingPrior:
+                batch_size: int = 256, whiten_rank: int = 0) -> EmbeddingPrior:
     """Train the prior on standardised ``embeddings`` (N, D) with their term sets (terms of
     ``vocabulary``; ``labels``: label -> terms, default :data:`LABEL_TERMS`); resumes in ``out``.
+    ``whiten_rank`` > 0: the flow works in that many leading PCA-whitened directions (docs/prior.md).
 
     Example:
         >>> prior = train_prior(emb, [["lung", "benign"], ...], Path("runs/prior/flow"))   # doctest: +SKIP
@@ -131,7 +132,7 @@ def train_prior(embeddings: np.ndarray, terms: list[list[str]], out: Path, steps
     arrays = training_arrays((embeddings - mean) / std, terms, vocab, copies=copies, seed=seed)
     cfg = FlowConfig(condition="vector", hidden=hidden, num_blocks=num_blocks, max_steps=steps, batch_size=batch_size,
                      lr=1e-3, warmup_steps=100, ema_decay=0.999, checkpoint_every=1000, sample_every=0, log_every=100,
-                     tensorboard=False, seed=seed)
+                     tensorboard=False, seed=seed, whiten_rank=whiten_rank)
     task = EmbeddingFlowTask(cfg, arrays)
     final = Engine(task, out, resume=(out / "config.json").is_file()).fit()
     flow = EmbeddingFlow.from_pretrained(final)
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4000, help="flow training steps")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--whiten-rank", type=int, default=0,
+                    help="train the flow in this many leading PCA-whitened directions (0: the standardised space)")
     ap.add_argument("--temperature", type=float, default=0.5,
                     help="source-noise scale stored with the prior (bundled: 0.5, chosen by FD to training embeddings)")
     ap.add_argument("--export", type=Path, help="write the fp16 prior here (e.g. pixgen/weights/pixgen-default/prior)")
@@ -161,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     terms = tile_terms(fc, args.data)
     (args.work / "terms.json").write_text(json.dumps(terms))
     prior = train_prior(fc.array("embeddings").astype(np.float32), terms, args.work / "flow", steps=args.steps,
-                        hidden=args.hidden, num_blocks=args.blocks, encoder=fc.encoder_name)
+                        hidden=args.hidden, num_blocks=args.blocks, encoder=fc.encoder_name,
+                        whiten_rank=args.whiten_rank)
     prior.temperature = args.temperature
     if args.export:
         prior.flow.to(torch.float16)

@@ -18,7 +18,12 @@ Per label (docs/prior.md):
   the paired difference of probe probabilities, with a 95 % bootstrap interval, should be > 0.
   This is adherence in embedding space, not yet measured on generated images;
 * ``label_fidelity`` (with ``--classifier``): images generated from prior samples, classified by
-  the independent classifier (``metrics.classifier``), accuracy vs its accuracy on real held-out tiles.
+  the independent classifier (``metrics.classifier``), accuracy vs its accuracy on real held-out tiles;
+* ``utility`` (with ``--train-tiles``, ``--test-tiles``, ``--sets``): two synthetic sets of the same
+  size and image seeds built by ``pixgen synth`` (:func:`pixgen.synth.build_set`), one from prior
+  samples and one from bank draws, each scored by ``metrics.utility.classification_utility`` with
+  its small CNN trained from scratch: TSTR (synthetic only -> real held-out tiles) and the
+  augmentation gain (real 10 % + synthetic vs real 10 %, paired bootstrap), over several training seeds.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 
 from pixgen.prior import EmbeddingPrior
 
-__all__ = ["embedding_report", "adherence_report", "label_fidelity", "main"]
+__all__ = ["embedding_report", "adherence_report", "label_fidelity", "with_prior", "utility_report", "main"]
 
 MASK_TERMS = ("inflammatory-rich", "epithelial", "spindle", "sparse", "dense")
 
@@ -124,6 +129,64 @@ def label_fidelity(model: str | Path, classifier: str | Path, test_tiles: str | 
             "real_per_class": real["per_class"], "ratio": acc / real["balanced_accuracy"]}
 
 
+def _set_spec(model: Path, labels: Sequence[str], n: int, steps: int | None, from_bank: bool, batch_size: int = 8):
+    """A ``pixgen synth`` spec: ``n`` images per label, seed 0, prior samples or bank draws."""
+    from pixgen.synth import parse_spec
+
+    sampler = f"steps = {steps}\nbatch_size = {batch_size}" if steps else f"batch_size = {batch_size}"
+    classes = "".join(f'[classes.{label}]\ncount = {n}\nlabel = "{label}"\nfrom_bank = {str(from_bank).lower()}\n\n'
+                      for label in labels)
+    text = f'seed = 0\nmodel = "{Path(model).resolve()}"\n\n[sampler]\n{sampler}\n\n{classes}'
+    return parse_spec(text, "prior_report utility", ".")
+
+
+def with_prior(model: Path, prior: Path, folder: Path) -> Path:
+    """``folder``: ``model``'s components (symlinks) with ``prior`` as its ``prior/`` (a candidate prior
+    measured without copying or changing the model)."""
+    from pixgen.prior import PRIOR_DIR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    links = {e.name: e for e in Path(model).iterdir() if e.name != PRIOR_DIR} | {PRIOR_DIR: Path(prior)}
+    for name, target in links.items():
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(target.resolve(), target_is_directory=target.is_dir())
+    return folder
+
+
+def utility_report(model: str | Path, train_tiles: str | Path, test_tiles: str | Path, sets: str | Path, n: int,
+                   steps: int | None, seeds: Sequence[int] = (0, 1, 2), cnn_steps: int = 150,
+                   prior_model: str | Path | None = None, classifier: str | Path | None = None) -> dict[str, dict]:
+    """TSTR and augmentation gain of a prior-sampled and a bank-drawn set (module docstring), per CNN seed;
+    the bank set comes from ``model``, the prior set from ``prior_model`` (default: ``model``). With
+    ``classifier`` (``metrics.classifier``) each set's label fidelity is scored too.
+
+    Example:
+        >>> utility_report("model/", "tiles/", "test-tiles/", "runs/sets", n=40, steps=14)   # doctest: +SKIP
+    """
+    from metrics.classifier import score_classifier
+    from metrics.images import load_image_folder
+    from metrics.utility import classification_utility
+    from pixgen.synth import build_set
+
+    test = load_image_folder(test_tiles)
+    train = load_image_folder(train_tiles, classes=test.classes)
+    out: dict[str, dict] = {}
+    for source in ("prior", "bank"):
+        folder = Path(sets) / source
+        t0 = time.perf_counter()
+        source_model = Path(model if source == "bank" or prior_model is None else prior_model)
+        build_set(_set_spec(source_model, test.classes, n, steps, from_bank=source == "bank"), folder, progress=False)
+        syn = load_image_folder(folder, classes=test.classes)
+        out[source] = {"n_per_label": n, "steps": steps, "folder": str(folder),
+                       "generate_seconds": round(time.perf_counter() - t0, 1),
+                       "runs": {str(seed): classification_utility(train, test, syn, learners=("small-cnn",), fractions=(0.1,),
+                                                                  cnn_steps=cnn_steps, seed=seed)
+                                for seed in seeds}}
+        if classifier is not None:
+            out[source]["label_fidelity"] = score_classifier(classifier, folder)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pixgen.commands import DEFAULT_MODEL
     from pixgen.prior import PRIOR_DIR
@@ -140,13 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16, help="generated images per label for label fidelity")
     ap.add_argument("--steps", type=int, help="generator sampling steps (default: the model's)")
     ap.add_argument("--bank", action="store_true", help="also measure label fidelity of bank draws")
+    ap.add_argument("--train-tiles", type=Path, help="the real training tiles, one subfolder per label (utility)")
+    ap.add_argument("--sets", type=Path, help="folder for the utility section's synthetic sets (prior/, bank/)")
+    ap.add_argument("--set-images", type=int, default=40, help="images per label in each utility set")
     ap.add_argument("--sections", default="embeddings,adherence,fidelity",
-                    help="comma-separated: embeddings, adherence (needs --data), fidelity (needs --classifier)")
+                    help="comma-separated: embeddings, adherence (needs --data), fidelity (needs --classifier), "
+                         "utility (needs --train-tiles, --test-tiles, --sets)")
     ap.add_argument("--out", required=True, type=Path, help="JSON report (sections run now replace those in it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     prior = EmbeddingPrior.load(args.prior or args.model / PRIOR_DIR)
+    prior_model = with_prior(args.model, args.prior, args.out.parent / f"{args.out.stem}-model") if args.prior else args.model
     train, test = FeatureCache(args.train_cache), FeatureCache(args.test_cache)
     sections = set(args.sections.split(","))
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -159,10 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["adherence"] = adherence_report(prior, train, test, args.data)
         args.out.write_text(json.dumps(report, indent=1))
     if args.classifier and "fidelity" in sections:
-        report["label_fidelity"] = [label_fidelity(args.model, args.classifier, args.test_tiles, args.images, args.steps)]
+        report["label_fidelity"] = [label_fidelity(prior_model, args.classifier, args.test_tiles, args.images, args.steps)]
         if args.bank:
             report["label_fidelity"].append(label_fidelity(args.model, args.classifier, args.test_tiles, args.images,
                                                            args.steps, from_bank=True))
+    if "utility" in sections:
+        if not (args.train_tiles and args.test_tiles and args.sets):
+            ap.error("the utility section needs --train-tiles, --test-tiles and --sets")
+        report["utility"] = utility_report(args.model, args.train_tiles, args.test_tiles, args.sets, args.set_images,
+                                           args.steps, prior_model=prior_model, classifier=args.classifier)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.write_text(json.dumps(report, indent=1))
     for label, r in report.get("embeddings", {}).items():
@@ -176,6 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for lf in report.get("label_fidelity", []):
         print(f"label fidelity ({lf['source']}): {lf['accuracy']:.3f} vs real {lf['real_accuracy']:.3f} "
               f"(ratio {lf['ratio']:.2f}) {lf['per_class']}")
+    for source, u in report.get("utility", {}).items():
+        for seed, run in u["runs"].items():
+            tstr = run["tstr"]["small-cnn"]["train_on_synthetic"]["accuracy"]
+            aug = run["augmentation"]["small-cnn"][0]
+            print(f"utility ({source}, seed {seed}): TSTR {tstr['value']:.3f} [{tstr['ci'][0]:.3f}, {tstr['ci'][1]:.3f}]  "
+                  f"real 10 % {aug['real']['accuracy']['value']:.3f} -> +synthetic "
+                  f"{aug['real+synthetic']['accuracy']['value']:.3f}, gain {aug['accuracy_gain']['value']:+.3f} "
+                  f"[{aug['accuracy_gain']['ci'][0]:+.3f}, {aug['accuracy_gain']['ci'][1]:+.3f}]")
     return 0
 
 

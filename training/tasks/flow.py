@@ -40,6 +40,8 @@ class FlowConfig(EngineConfig):
         condition: ``"labels"`` (class ids), a cache field of vectors, or ``"none"``.
         hidden, num_blocks, dropout: the residual MLP. cfg_dropout: null-condition rate (guidance).
         timestep_sampling: ``uniform`` or ``logit-normal``. sample_steps: Euler steps when sampling.
+        whiten_rank: > 0 trains a prior in the PCA-whitened space of the targets' leading
+            directions (:class:`~pixgen.models.flow.EmbeddingFlow`'s ``whiten_rank``); 0: as given.
     """
 
     target: str = "embeddings"
@@ -51,6 +53,7 @@ class FlowConfig(EngineConfig):
     cfg_dropout: float = 0.1
     timestep_sampling: str = "uniform"
     sample_steps: int = 20
+    whiten_rank: int = 0
     lr: float = 1e-3
     warmup_steps: int = 0
     batch_size: int = 256
@@ -65,6 +68,8 @@ class FlowConfig(EngineConfig):
             problems.append(f"timestep_sampling must be uniform or logit-normal, got {self.timestep_sampling!r}")
         if not 0 <= self.cfg_dropout < 1:
             problems.append(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+        if self.whiten_rank < 0 or (self.whiten_rank and self.source != "noise"):
+            problems.append(f"whiten_rank must be >= 0 and needs source=noise, got {self.whiten_rank} with {self.source!r}")
         if problems:
             raise InputError("invalid flow config: " + "; ".join(problems))
 
@@ -136,7 +141,10 @@ class EmbeddingFlowTask(Task):
             dim=int(target.shape[-1]), hidden=cfg.hidden, num_blocks=cfg.num_blocks, dropout=cfg.dropout,
             num_classes=len(self.info["classes"]) if "label" in self.arrays else 0,
             condition_dim=int(self.arrays["condition"].shape[-1]) if "condition" in self.arrays else 0,
-            class_names=self.info["classes"] or None, source=cfg.source, encoder=self.info.get("encoder"))
+            class_names=self.info["classes"] or None, source=cfg.source, encoder=self.info.get("encoder"),
+            whiten_rank=cfg.whiten_rank)
+        if cfg.whiten_rank:
+            self._model.fit_whitening(torch.from_numpy(np.asarray(target, dtype=np.float32)))
         self._data = _Arrays(self.arrays)
         self.objective = FlowMatching(cfg.timestep_sampling)
 
@@ -148,7 +156,7 @@ class EmbeddingFlowTask(Task):
 
     def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        x0 = batch["target"]
+        x0 = self._model.to_flow_space(batch["target"])  # the buffers are fixed: the unwrapped model's serve
         drop = (torch.rand(x0.shape[0], generator=generator) < self.cfg.cfg_dropout).to(x0.device)
         labels, cond = batch.get("label"), batch.get("condition")
 
