@@ -16,6 +16,7 @@ import io
 import os
 import re
 import tempfile
+import threading
 import uuid
 import zipfile
 from contextlib import contextmanager
@@ -183,16 +184,23 @@ class StepProgress:
 
 
 @contextmanager
-def count_model_calls(module: Any, progress: StepProgress) -> Iterator[None]:
-    """Feed ``progress`` once per forward of ``module`` (the denoiser), for library calls that do
-    not take a step callback (mask pairs, large images): a torch forward pre-hook, removed after."""
+def count_model_calls(progress: StepProgress) -> Iterator[None]:
+    """Feed ``progress`` once per denoiser forward made by this script's thread, for library calls
+    that take no step callback (mask pairs, large images, ``pixgen synth``, which loads its own
+    model): a global torch forward pre-hook that counts only ``PixgenTransformer`` calls of the
+    calling thread (each browser session runs in its own), removed after."""
+    import torch
+
+    from pixgen.models.transformer import PixgenTransformer
     from pixgen.sampling import SamplingCancelled
 
-    def hook(*_: Any) -> None:
-        if progress() is False:
+    owner = threading.get_ident()
+
+    def hook(module: Any, _: Any) -> None:
+        if isinstance(module, PixgenTransformer) and threading.get_ident() == owner and progress() is False:
             raise SamplingCancelled("cancelled in the studio")
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["cli_args", "generate_set", "mask_pairs", "save_layout", "layout_image", "interpolated_embeddings",
+__all__ = ["cli_args", "generate_set", "pick_originals", "class_folders", "mask_pairs", "save_layout", "layout_image", "interpolated_embeddings",
            "synth_spec_text", "large_model_calls"]
 
 
@@ -122,6 +122,29 @@ def interpolated_embeddings(gen: Any, images: Sequence[Path], count: int, mix: f
     save_embeddings(out, Embeddings(values, encoder=emb.encoder, domain=emb.domain,
                                     ids=[f"{Path(images[a]).stem}~{Path(images[b]).stem}@{mix:g}" for a, b in pairs]))
     return out
+
+
+def class_folders(folder: Path) -> dict[str, list[Path]]:
+    """A labelled folder's classes: sub-folder name -> its images (sub-folders without images skipped)."""
+    from pixgen.errors import InputError
+    from pixgen.io import list_images
+
+    classes = {p.name: list_images(p) for p in sorted(folder.iterdir()) if p.is_dir()}
+    classes = {k: v for k, v in classes.items() if v}
+    if not classes:
+        raise InputError(f"{folder} has no class sub-folders with images",
+                         fix="choose a folder laid out as CLASS/image.png (e.g. lc25000-lung)")
+    return classes
+
+
+def pick_originals(images: Sequence[Path], k: int, seed: int, dest: Path) -> Path:
+    """A seeded choice of ``k`` of ``images`` as links in ``dest`` (no copies): the originals a
+    ``reference`` class of a synth spec varies."""
+    rng = np.random.default_rng(seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    for i in sorted(rng.choice(len(images), min(k, len(images)), replace=False)):
+        (dest / Path(images[i]).name).symlink_to(Path(images[i]).resolve())
+    return dest
 
 
 def synth_spec_text(model: str, classes: dict[str, dict[str, Any]], *, seed: int, steps: int | None,

@@ -62,7 +62,7 @@ with core.shown_errors():
         args.control_image = [str(masks)]  # recorded in the manifest as the set's control input
         core.cancel_button("cancel_paint")
         progress = core.StepProgress(-(-len(layouts) * n // args.batch_size) * steps)
-        with core.count_model_calls(gen.transformer, progress):
+        with core.count_model_calls(progress):
             st.session_state["paint_out"] = str(jobs.mask_pairs(gen, args, load_layouts(masks), label))
 
 if "paint_out" in st.session_state:
