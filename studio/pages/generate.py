@@ -1,6 +1,8 @@
 """Generate: tiles from a label (the prior), references, a prompt or an embeddings file; a gallery
 with each image's provenance; the set (images + manifest) as a zip."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from pixgen.io import SetManifest, read_provenance
@@ -51,8 +53,6 @@ with core.shown_errors():
 
 if "generate_out" in st.session_state:
     with core.shown_errors():
-        from pathlib import Path
-
         out = Path(st.session_state["generate_out"])
         manifest = SetManifest.load(out)
         st.subheader(f"{len(manifest.files)} images")
@@ -60,7 +60,8 @@ if "generate_out" in st.session_state:
         cols = st.columns(4)
         for i, (path, entry) in enumerate(zip(paths, manifest.files)):
             with cols[i % 4]:
-                st.image(str(path), caption=f"{entry.file} · seed {entry.seed} · {entry.condition.kind} {entry.condition.id}")
+                cond = Path(entry.condition.id).name if entry.condition.kind == "reference" else entry.condition.id
+                st.image(str(path), caption=f"{entry.file} · seed {entry.seed} · {entry.condition.kind} {cond}")
                 with st.expander("provenance"):
                     st.json(read_provenance(path), expanded=False)
         st.download_button("Download the set (zip: images + manifest.json)", core.zip_folder(out),
