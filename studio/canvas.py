@@ -1,6 +1,6 @@
 """Nuclei drawn on the Paint page's canvas (streamlit-drawable-canvas circles) as a layout.
 
-Each circle or ellipse is one nucleus (an instance of its own, so touching nuclei stay two); its
+Each circle or ellipse (Fabric.js ``Circle`` / ``Ellipse`` objects) is one nucleus (an instance of its own, so touching nuclei stay two); its
 fill colour is its class in :data:`pixgen.masks.PALETTE`. Read from the canvas's Fabric.js JSON,
 not its pixels: anti-aliased edges would not be palette colours.
 
@@ -39,7 +39,7 @@ def _class_of(fill: str) -> int:
 
 def layout_from_canvas(json_data: dict[str, Any] | None, canvas_px: int, size: int, name: str = "drawn") -> Layout:
     """The circles of a square ``canvas_px`` canvas as a ``size`` x ``size`` layout (scaled)."""
-    objects = [o for o in (json_data or {}).get("objects", []) if o.get("type") in ("circle", "ellipse")]
+    objects = [o for o in (json_data or {}).get("objects", []) if str(o.get("type")).lower() in ("circle", "ellipse")]
     if not objects:
         raise InputError("the canvas has no nuclei", fix="draw circles on the canvas (or load or sample a mask)")
     scale = size / canvas_px

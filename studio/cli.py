@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from importlib.util import find_spec
 from pathlib import Path
@@ -59,7 +58,6 @@ def run_studio(args: argparse.Namespace) -> int:
     if args.work:
         env["PIXGEN_STUDIO_WORK"] = str(Path(args.work).expanduser().resolve())
     print(f"pixgen studio: http://{args.host}:{args.port} (data root {root}; Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(streamlit_command(args), env=env)
-    except KeyboardInterrupt:
-        return 0
+    cmd = streamlit_command(args)
+    os.execve(cmd[0], cmd, env)  # this process becomes the server: signals (Ctrl-C, terminate) reach it directly
+    return 0  # not reached

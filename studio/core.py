@@ -30,7 +30,7 @@ from pixgen.errors import InputError, PixgenError
 
 __all__ = [
     "Settings", "settings", "session_folder", "new_run_folder", "under_root", "save_upload", "MODEL_SOURCES",
-    "model_picker", "load_generator", "shown_errors", "StepProgress", "count_model_calls", "cancel_button", "cancelled_notice",
+    "model_picker", "load_generator", "shown_errors", "StepProgress", "count_model_calls", "cancel_button", "cancelled_notice", "running",
     "zip_folder",
 ]
 
@@ -163,6 +163,20 @@ def cancel_button(key: str) -> None:
     st.button("Cancel", key=key, on_click=lambda: st.session_state.__setitem__(_CANCEL, True))
 
 
+@contextmanager
+def running(key: str, total: int, text: str = "denoising") -> Iterator[StepProgress]:
+    """A Cancel button and a progress bar (a :class:`StepProgress` for the sampler's callback) for
+    the work inside; both disappear when it ends."""
+    box = st.empty()
+    with box.container():
+        cancel_button(key)
+        progress = StepProgress(total, text)
+    try:
+        yield progress
+    finally:
+        box.empty()
+
+
 def cancelled_notice() -> None:
     """At the top of a page: say that the last run was cancelled (once)."""
     if st.session_state.pop(_CANCEL, False):
@@ -187,8 +201,8 @@ class StepProgress:
 def count_model_calls(progress: StepProgress) -> Iterator[None]:
     """Feed ``progress`` once per denoiser forward made by this script's thread, for library calls
     that take no step callback (mask pairs, large images, ``pixgen synth``, which loads its own
-    model): a global torch forward pre-hook that counts only ``PixgenTransformer`` calls of the
-    calling thread (each browser session runs in its own), removed after."""
+    model): a global torch forward pre-hook that counts only ``PixgenTransformer`` calls (not its
+    ControlNet subclass) of the calling thread (each browser session runs in its own), removed after."""
     import torch
 
     from pixgen.models.transformer import PixgenTransformer
@@ -197,7 +211,7 @@ def count_model_calls(progress: StepProgress) -> Iterator[None]:
     owner = threading.get_ident()
 
     def hook(module: Any, _: Any) -> None:
-        if isinstance(module, PixgenTransformer) and threading.get_ident() == owner and progress() is False:
+        if type(module) is PixgenTransformer and threading.get_ident() == owner and progress() is False:
             raise SamplingCancelled("cancelled in the studio")
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)

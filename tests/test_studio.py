@@ -153,7 +153,7 @@ def test_paint_loaded_mask_and_a_bad_one(studio_env, shared_data):
 def test_canvas_circles_become_separate_typed_nuclei():
     from studio.canvas import CLASS_COLOURS, layout_from_canvas
 
-    circles = [{"type": "circle", "left": 90, "top": 90, "radius": 15, "fill": CLASS_COLOURS["epithelial"]},
+    circles = [{"type": "Circle", "left": 90, "top": 90, "radius": 15, "fill": CLASS_COLOURS["epithelial"]},  # Fabric 6
                {"type": "circle", "left": 120, "top": 90, "radius": 15, "fill": CLASS_COLOURS["inflammatory"]},
                {"type": "circle", "left": 300, "top": 300, "radius": 6, "originX": "center", "originY": "center",
                 "fill": CLASS_COLOURS["spindle-shaped"]}]
@@ -274,7 +274,7 @@ def test_pixgen_studio_command(tmp_path, monkeypatch):
     assert cmd[cmd.index("--server.port") + 1] == "8765" and cmd[cmd.index("--server.maxUploadSize") + 1] == "5"
     assert cmd[cmd.index("--client.showErrorDetails") + 1] == "none"
     seen = {}
-    monkeypatch.setattr(cli.subprocess, "call", lambda c, env: seen.update(env=env) or 0)
+    monkeypatch.setattr(cli.os, "execve", lambda exe, c, env: seen.update(env=env))
     assert cli.run_studio(args) == 0 and seen["env"]["PIXGEN_STUDIO_ROOT"] == str(tmp_path.resolve())
     with pytest.raises(InputError, match="not a folder"):
         cli.run_studio(parser.parse_args(["studio", "--root", str(tmp_path / "missing")]))

@@ -44,9 +44,8 @@ def run(preview: bool) -> None:
     if evaluate and not preview:
         argv += ["--eval", core.under_root(real, "real image folder"), "--eval-max-images", 200, "--eval-utility", "none"]
     parsed = load_spec(spec)
-    core.cancel_button(f"cancel_augment_{preview}")
-    progress = core.StepProgress(sum(-(-c.count // parsed.sampler.batch_size) for c in parsed.classes) * steps)
-    with core.count_model_calls(progress):
+    total = sum(-(-c.count // parsed.sampler.batch_size) for c in parsed.classes) * steps
+    with core.running(f"cancel_augment_{preview}", total) as progress, core.count_model_calls(progress):
         run_synth(jobs.cli_args(argv))
     st.session_state["augment_out"] = str(folder / "set")
 

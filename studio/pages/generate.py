@@ -46,10 +46,9 @@ with core.shown_errors():
         else:
             args = jobs.cli_args([*argv, "--out", core.new_run_folder("generate")])
             args.token = token
-            core.cancel_button("cancel_generate")
             conditions = len(args.reference or []) or 1
-            progress = core.StepProgress(-(-n * conditions // args.batch_size) * steps)
-            st.session_state["generate_out"] = str(jobs.generate_set(gen, args, callback=progress))
+            with core.running("cancel_generate", -(-n * conditions // args.batch_size) * steps) as progress:
+                st.session_state["generate_out"] = str(jobs.generate_set(gen, args, callback=progress))
 
 if "generate_out" in st.session_state:
     with core.shown_errors():

@@ -42,10 +42,8 @@ with core.shown_errors():
         args = jobs.cli_args([*argv, "--steps", steps, "--guidance", guidance, "--seed", seed, "--out", out])
         layout, _, size = _layout(args, gen)
         height, width = size or layout.size
-        core.cancel_button("cancel_large")
-        progress = core.StepProgress(jobs.large_model_calls(gen, height, width, steps, args.batch_size),
-                                     text="windows x steps")
-        with core.count_model_calls(progress):
+        total = jobs.large_model_calls(gen, height, width, steps, args.batch_size)
+        with core.running("cancel_large", total, "windows x steps") as progress, core.count_model_calls(progress):
             summary = generate_large(gen, layout, out, height=height, width=width, num_inference_steps=steps,
                                      guidance_scale=guidance, seed=seed, batch_size=args.batch_size, progress=False)
         st.session_state["large_out"] = str(out)

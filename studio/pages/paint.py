@@ -60,9 +60,8 @@ with core.shown_errors():
         args = jobs.cli_args(["generate", "--model", core.model_path(source), "--mask", masks, "--n", n,
                               "--seed", seed, "--steps", steps, "--control-scale", scale, "--out", folder / "pairs"])
         args.control_image = [str(masks)]  # recorded in the manifest as the set's control input
-        core.cancel_button("cancel_paint")
-        progress = core.StepProgress(-(-len(layouts) * n // args.batch_size) * steps)
-        with core.count_model_calls(progress):
+        total = -(-len(layouts) * n // args.batch_size) * steps
+        with core.running("cancel_paint", total) as progress, core.count_model_calls(progress):
             st.session_state["paint_out"] = str(jobs.mask_pairs(gen, args, load_layouts(masks), label))
 
 if "paint_out" in st.session_state:

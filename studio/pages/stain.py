@@ -52,9 +52,7 @@ with core.shown_errors():
     seed = c2.number_input("Seed", 0, 2**53 - 1, 0, key="stain_seed")
     if st.button("Stain", type="primary", disabled=not uploads, key="stain_go"):
         paths = [core.save_upload(f, "he") for f in uploads]
-        core.cancel_button("cancel_stain")
-        progress = core.StepProgress(-(-len(paths) // 8) * steps)
-        with core.count_model_calls(progress):
+        with core.running("cancel_stain", -(-len(paths) // 8) * steps) as progress, core.count_model_calls(progress):
             result = pipe.run(paths, to, seed=seed, num_inference_steps=steps, names=[p.name for p in paths])
         out = core.new_run_folder("stain")
         out.mkdir()
