@@ -113,7 +113,7 @@ def test_generate_and_paint_in_a_browser(page, tmp_path):
     assert images.count() == 8
     assert all(images.nth(i).evaluate("im => im.complete && im.naturalWidth === 128") for i in range(8))
     assert pg.get_by_role("button", name="Download the set (zip: images + manifest.json)").is_visible()
-    pg.screenshot(path=str(shots / "generate.png"))
+    pg.screenshot(path=str(shots / "generate.jpg"), type="jpeg", quality=80)
 
     pg.get_by_role("link", name="Paint").click()
     pg.get_by_role("button", name="Generate tissue").wait_for()
@@ -142,5 +142,5 @@ def test_generate_and_paint_in_a_browser(page, tmp_path):
     assert shown.count() == 4  # mask | image, twice
     mask = pg.locator("[data-testid='stImage']").filter(has_text="mask inst/drawn_0.png")
     assert mask.count() == 1
-    pg.screenshot(path=str(shots / "paint.png"))
-    assert (shots / "generate.png").stat().st_size > 10_000 and (shots / "paint.png").stat().st_size > 10_000
+    pg.screenshot(path=str(shots / "paint.jpg"), type="jpeg", quality=80)
+    assert (shots / "generate.jpg").stat().st_size > 10_000 and (shots / "paint.jpg").stat().st_size > 10_000
