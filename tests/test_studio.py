@@ -93,14 +93,15 @@ def test_generate_label_shows_images_and_zips_the_set(studio_env, downloads):
 def test_generate_from_an_uploaded_reference(studio_env, downloads):
     at = page("generate")
     at.radio(key="gen_kind").set_value("reference images").run()
-    at.file_uploader(key="gen_refs").upload("tile.png", png_bytes(), "image/png")
+    at.file_uploader(key="gen_refs").upload("../../my tile.png", png_bytes(), "image/png")
     at.number_input(key="gen_n").set_value(1)
     at.number_input(key="gen_steps").set_value(1)
     at.button(key="gen_go").click().run()
     shown_ok(at)
-    assert len(at.image) == 1 and "reference tile.png" in at.image[0].proto.imgs[0].caption
+    assert len(at.image) == 1 and "reference my_tile.png" in at.image[0].proto.imgs[0].caption
     (session,) = studio_env.iterdir()
-    assert (session / "references" / "tile.png").is_file(), "uploads are written under the session's folder"
+    assert (session / "references" / "my_tile.png").is_file(), "uploads are written under the session's folder"
+    assert not (studio_env.parent / "my tile.png").exists() and not (studio_env.parent / "my_tile.png").exists()
 
 
 def test_generate_bad_and_oversized_uploads_are_messages(studio_env):
@@ -190,6 +191,21 @@ def test_folders_outside_the_root_are_refused(studio_env, shared_data):
     at = page("augment")
     at.text_input(key="aug_folder").set_value(str(shared_data.parent)).run()
     assert not at.exception and "outside the studio's data root" in at.error[0].value
+
+
+def test_under_root_follows_links_before_deciding(monkeypatch, tmp_path):
+    from studio.core import under_root
+
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "out").symlink_to(tmp_path)
+    monkeypatch.setenv("PIXGEN_STUDIO_ROOT", str(root))
+    assert under_root("data") == (root / "data").resolve() and under_root(str(root / "data")) == under_root("data")
+    for bad in ("out", "data/../..", "/etc"):
+        with pytest.raises(InputError, match="outside the studio's data root"):
+            under_root(bad)
+    with pytest.raises(InputError, match="no folder at missing"):
+        under_root("missing")
 
 
 def test_augment_writes_the_set_through_synth(studio_env, downloads):
