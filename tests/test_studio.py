@@ -183,6 +183,29 @@ def test_large_image_label_layout_viewer_and_download(studio_env, downloads):
         assert slide.dimensions == (256, 256) and slide.mpp() == pytest.approx(0.5)
 
 
+def test_large_image_from_a_class_map_and_a_slide_region(studio_env):
+    at = page("large_image")
+    at.radio(key="large_how").set_value("a painted class map").run()
+    classes = np.zeros((2, 2, 3), np.uint8)
+    classes[:, 0] = (255, 0, 0)
+    classes[:, 1] = (0, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(classes).save(buf, format="PNG")
+    at.file_uploader(key="large_map").upload("map.png", buf.getvalue(), "image/png").run()
+    at.number_input(key="large_steps").set_value(1)
+    at.button(key="large_go").click().run()
+    shown_ok(at)
+    assert at.subheader[0].value.startswith("256 x 256 px")  # one 128 px window per map pixel
+    at.text_area(key="large_colours").set_value("255,0,0=lung_scc").run()
+    at.button(key="large_go").click().run()
+    assert not at.exception and "colours with no label" in at.error[0].value
+    at.radio(key="large_how").set_value("a slide region").run()
+    at.text_input(key="large_region").set_value("500,1000,300,300").run()
+    at.button(key="large_go").click().run()
+    shown_ok(at)
+    assert at.subheader[0].value.startswith("256 x 256 px")
+
+
 def test_folders_outside_the_root_are_refused(studio_env, shared_data):
     at = page("large_image")
     at.radio(key="large_how").set_value("a slide region").run()
