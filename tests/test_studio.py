@@ -279,7 +279,34 @@ def test_stain_page_without_or_with_virtual_staining(studio_env):
     except ImportError:
         assert "not available" in at.warning[0].value
     else:
-        assert at.header[0].value == "Stain"
+        assert at.header[0].value == "Stain" and "Type the folder of a stain model" in at.info[0].value
+
+
+def test_stain_page_stains_and_quantifies(studio_env, monkeypatch, tmp_path, downloads):
+    pytest.importorskip("pixgen.staining")
+    from pixgen.testing import save_tiny_stain_model, synthetic_he_ihc_pair
+
+    root = tmp_path / "root"
+    save_tiny_stain_model(root / "stain")
+    monkeypatch.setenv("PIXGEN_STUDIO_ROOT", str(root))
+    at = page("stain")
+    at.text_input(key="stain_dir").set_value("stain").run()
+    he, _ = synthetic_he_ihc_pair(32)
+    buf = io.BytesIO()
+    Image.fromarray(he).save(buf, format="PNG")
+    at.file_uploader(key="stain_he").upload("he.png", buf.getvalue(), "image/png").run()
+    at.number_input(key="stain_steps").set_value(2)
+    at.button(key="stain_go").click().run()
+    shown_ok(at)
+    captions = [im.proto.imgs[0].caption for im in at.image]
+    assert captions[:2] == ["H&E he.png", "IHC (her2)"]
+    try:
+        import metrics.staining  # noqa: F401
+    except ImportError:
+        assert "DAB quantification is not available" in at.info[0].value
+    else:
+        assert captions[2].startswith("DAB") and "h_score" in at.table[0].value.columns
+    assert zip_names(next(v for k, v in downloads.items() if k.endswith(".zip"))) == ["he_her2.png"]
 
 
 def test_cancel_stops_generation_and_keeps_an_incomplete_set(tmp_path, one_thread):

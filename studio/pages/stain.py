@@ -37,8 +37,11 @@ with core.shown_errors():
         kind = st.radio("Stain model", ["local folder", "hub id"], key="stain_kind",
                         help="a folder written by the staining training commands, or a hub id (fetched)")
         if kind == "local folder":
-            source, token = str(core.under_root(st.text_input("Stain model folder (under the data root)",
-                                                              key="stain_dir"), "stain model folder")), None
+            folder = st.text_input("Stain model folder (under the data root)", key="stain_dir")
+            if not folder:
+                st.info("Type the folder of a stain model (written by the staining training commands).")
+                st.stop()
+            source, token = str(core.under_root(folder, "stain model folder")), None
         else:
             source = "hub:" + st.text_input("Hub id", "StonyBrook-CVLab/pixcell-virtual-staining", key="stain_hub")
             token = st.text_input("Hub token (gated models)", type="password", key="stain_token") or None
