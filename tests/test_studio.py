@@ -104,6 +104,22 @@ def test_generate_from_an_uploaded_reference(studio_env, downloads):
     assert not (studio_env.parent / "my tile.png").exists() and not (studio_env.parent / "my_tile.png").exists()
 
 
+def test_generate_from_an_uploaded_embeddings_file(studio_env, tmp_path):
+    from pixgen.commands import DEFAULT_MODEL
+    from pixgen.embeddings import EmbeddingBank, save_embeddings
+
+    save_embeddings(tmp_path / "two.safetensors", EmbeddingBank.load(DEFAULT_MODEL).draw("lung_aca", [0, 1]))
+    at = page("generate")
+    at.radio(key="gen_kind").set_value("embeddings file").run()
+    at.file_uploader(key="gen_emb").upload("two.safetensors", (tmp_path / "two.safetensors").read_bytes()).run()
+    at.number_input(key="gen_n").set_value(1)
+    at.number_input(key="gen_steps").set_value(1)
+    at.button(key="gen_go").click().run()
+    shown_ok(at)
+    captions = [im.proto.imgs[0].caption for im in at.image]
+    assert len(captions) == 2 and all("embeddings" in c for c in captions)
+
+
 def test_generate_bad_and_oversized_uploads_are_messages(studio_env):
     at = page("generate")
     at.radio(key="gen_kind").set_value("reference images").run()
@@ -344,5 +360,8 @@ def test_pixgen_studio_command(tmp_path, monkeypatch):
     assert cli.run_studio(args) == 0 and seen["env"]["PIXGEN_STUDIO_ROOT"] == str(tmp_path.resolve())
     with pytest.raises(InputError, match="not a folder"):
         cli.run_studio(parser.parse_args(["studio", "--root", str(tmp_path / "missing")]))
+    monkeypatch.setattr(cli, "find_spec", lambda name: None if name == "streamlit_drawable_canvas" else object())
+    with pytest.raises(InputError, match=r"streamlit_drawable_canvas, which is not installed.*pixgen\[studio\]"):
+        cli.run_studio(args)
     project = tomllib.loads((STUDIO.parent / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["pixgen.commands"]["studio"] == "studio.cli:add_parser"

@@ -31,7 +31,7 @@ with core.shown_errors():
         argv += ["--reference", *[core.save_upload(f, "references") for f in refs]]
         missing = None if refs else "upload one or more reference tiles"
     else:
-        emb = st.file_uploader("Embeddings file", type=["safetensors", "npy", "pt"])
+        emb = st.file_uploader("Embeddings file", type=["safetensors", "npy", "pt"], key="gen_emb")
         argv += ["--embeddings", core.save_upload(emb, "embeddings")] if emb else []
         missing = None if emb else "upload an embeddings file"
     c1, c2, c3, c4 = st.columns(4)
