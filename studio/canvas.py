@@ -24,7 +24,7 @@ from pixgen.masks import CLASSES, PALETTE, Layout
 __all__ = ["CLASS_COLOURS", "layout_from_canvas"]
 
 #: class name -> CSS hex colour of the canvas fill (the mask palette)
-CLASS_COLOURS = {CLASSES[k]: "#%02x%02x%02x" % PALETTE[k] for k in range(1, len(CLASSES))}
+CLASS_COLOURS = {CLASSES[k]: "#{:02x}{:02x}{:02x}".format(*PALETTE[k]) for k in range(1, len(CLASSES))}
 _ORIGIN = {"left": 0.0, "top": 0.0, "center": 0.5, "right": 1.0, "bottom": 1.0}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pixgen.errors import InputError
 
-__all__ = ["add_parser", "streamlit_command", "run_studio"]
+__all__ = ["add_parser", "run_studio", "streamlit_command"]
 
 APP = Path(__file__).parent / "app.py"
 

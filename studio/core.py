@@ -19,18 +19,33 @@ import tempfile
 import threading
 import uuid
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import streamlit as st
 
 from pixgen.errors import InputError, PixgenError
 
 __all__ = [
-    "Settings", "settings", "session_folder", "new_run_folder", "under_root", "save_upload", "MODEL_SOURCES",
-    "model_picker", "load_generator", "shown_errors", "StepProgress", "count_model_calls", "cancel_button", "cancelled_notice", "running",
+    "MODEL_SOURCES",
+    "Settings",
+    "StepProgress",
+    "cancel_button",
+    "cancelled_notice",
+    "count_model_calls",
+    "load_generator",
+    "model_picker",
+    "new_run_folder",
+    "running",
+    "save_upload",
+    "session_folder",
+    "settings",
+    "show_report",
+    "shown_errors",
+    "under_root",
     "zip_folder",
 ]
 
@@ -152,7 +167,7 @@ def shown_errors() -> Iterator[None]:
         st.warning("Cancelled: what was finished is kept, the set is marked incomplete.")
     except PixgenError as err:
         st.error(str(err))
-    except Exception as err:  # anything else: one line, no traceback in the page
+    except Exception as err:  # noqa: BLE001 - anything else: one line, no traceback in the page
         st.error(f"Unexpected error ({type(err).__name__}): {str(err).splitlines()[0] if str(err) else ''}")
 
 
@@ -219,6 +234,27 @@ def count_model_calls(progress: StepProgress) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+_IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\(([^)]+)\)\s*$")
+
+
+def show_report(folder: Path) -> None:
+    """``report.md`` as ``pixgen eval`` writes it, its plots shown where it links them (links
+    leading out of ``folder`` are not followed)."""
+    report = folder / "report.md"
+    if not report.is_file():
+        raise InputError(f"no report.md in {folder}", fix="choose a folder written by `pixgen eval --out DIR`")
+    chunk: list[str] = []
+    for line in report.read_text().splitlines() + [""]:
+        link = _IMAGE_LINE.match(line)
+        if link and (folder / link.group(1)).resolve().is_relative_to(folder.resolve()):
+            st.markdown("\n".join(chunk))
+            chunk = []
+            st.image(str(folder / link.group(1)), caption=link.group(1))
+        elif not link:
+            chunk.append(line)
+    st.markdown("\n".join(chunk))
 
 
 def zip_folder(folder: Path) -> bytes:

@@ -12,13 +12,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["cli_args", "generate_set", "pick_originals", "class_folders", "mask_pairs", "save_layout", "layout_image", "interpolated_embeddings",
-           "synth_spec_text", "large_model_calls"]
+__all__ = [
+    "class_folders",
+    "cli_args",
+    "generate_set",
+    "interpolated_embeddings",
+    "large_model_calls",
+    "layout_image",
+    "mask_pairs",
+    "pick_originals",
+    "save_layout",
+    "synth_spec_text",
+]
 
 
 def cli_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -35,8 +46,14 @@ def generate_set(gen: Any, args: argparse.Namespace, callback: Callable[..., Any
     per-step ``callback``: the same checks, the same set (images, manifest, conditions, sheet)."""
     import torch
 
-    from pixgen.commands import _check_generate_args, _count_conditions, _load_embeddings, _prior_condition, \
-        _set_manifest, _write_batch
+    from pixgen.commands import (
+        _check_generate_args,
+        _count_conditions,
+        _load_embeddings,
+        _prior_condition,
+        _set_manifest,
+        _write_batch,
+    )
     from pixgen.io import SetWriter, check_output_folder
 
     _check_generate_args(args)

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("streamlit")
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage  # noqa: E402
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest
 
-from pixgen.errors import InputError  # noqa: E402
+from pixgen.errors import InputError
 
 STUDIO = Path(__file__).resolve().parents[1] / "studio"
 TIMEOUT = 240
@@ -344,6 +344,7 @@ def test_cancel_stops_generation_and_keeps_an_incomplete_set(tmp_path, one_threa
 
 def test_pixgen_studio_command(tmp_path, monkeypatch):
     import argparse
+
     import tomllib
 
     from studio import cli

@@ -23,7 +23,7 @@ import pytest
 
 pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
-TIMEOUT_MS = int(os.environ.get("PIXGEN_STUDIO_BROWSER_TIMEOUT_MS", 240_000))
+TIMEOUT_MS = int(os.environ.get("PIXGEN_STUDIO_BROWSER_TIMEOUT_MS", "240000"))
 
 
 def free_port() -> int:
@@ -40,28 +40,27 @@ def studio_url(tmp_path, shared_data):
         pytest.skip("`pixgen studio` is not registered here: pip install -e '.[studio]'")
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "studio.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "pixgen.cli", "studio", "--root", str(shared_data), "--port", str(port),
-                               "--work", str(tmp_path / "work")], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://localhost:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"pixgen studio did not start: {(tmp_path / 'studio.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.send_signal(signal.SIGINT)  # streamlit stops promptly on SIGINT (as on Ctrl-C), not always on SIGTERM
+    with open(tmp_path / "studio.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "pixgen.cli", "studio", "--root", str(shared_data), "--port",
+                                   str(port), "--work", str(tmp_path / "work")], stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://localhost:{port}"
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"pixgen studio did not start: {(tmp_path / 'studio.log').read_text()[-2000:]}")
+                    time.sleep(0.5)
+            yield url
+        finally:
+            server.send_signal(signal.SIGINT)  # streamlit stops promptly on SIGINT (as on Ctrl-C), not always on SIGTERM
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 @pytest.fixture

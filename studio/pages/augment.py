@@ -94,6 +94,6 @@ if "augment_out" in st.session_state:
             cols[i % 6].image(load_image(path), caption=f"{entry.file} · {entry.condition.kind}")
         if (out / "eval" / "report.md").is_file():
             with st.expander("Evaluation report", expanded=True):
-                st.markdown((out / "eval" / "report.md").read_text())
+                core.show_report(out / "eval")
         st.download_button("Download the set (zip: class folders, manifest.json, spec)", core.zip_folder(out),
                            file_name=f"pixgen-synth-{out.parent.name}.zip", mime="application/zip")

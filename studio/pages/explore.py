@@ -1,7 +1,6 @@
 """Explore: open an evaluation report (its tables and plots), and browse a synthetic set next to the
 real one on an embedding map with thumbnails and clusters: what the generator covers and misses."""
 
-import re
 from pathlib import Path
 
 import altair as alt
@@ -10,11 +9,8 @@ import streamlit as st
 
 from metrics.detectors import get_detector
 from metrics.images import load_image_folder
-from pixgen.errors import InputError
 from studio import core
 from studio.embedding_map import embedding_map, thumbnail_uri
-
-IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\(([^)]+)\)\s*$")
 
 
 @st.cache_resource(scope="session", show_spinner="loading the detector ...")
@@ -22,29 +18,12 @@ def detector(name: str):
     return get_detector(name)
 
 
-def show_report(folder: Path) -> None:
-    """``report.md`` as written by ``pixgen eval``, its plots shown where it links them."""
-    report = folder / "report.md"
-    if not report.is_file():
-        raise InputError(f"no report.md in {folder}", fix="choose a folder written by `pixgen eval --out DIR`")
-    chunk: list[str] = []
-    for line in report.read_text().splitlines() + [""]:
-        link = IMAGE_LINE.match(line)
-        if link and (folder / link.group(1)).resolve().is_relative_to(folder):
-            st.markdown("\n".join(chunk))
-            chunk = []
-            st.image(str(folder / link.group(1)), caption=link.group(1))
-        else:
-            chunk.append(line)
-    st.markdown("\n".join(chunk))
-
-
 st.header("Explore")
 report_tab, map_tab = st.tabs(["Evaluation report", "Embedding map"])
 with report_tab, core.shown_errors():
     text = st.text_input("Report folder (under the data root)", key="explore_report")
     if text:
-        show_report(core.under_root(text, "report folder"))
+        core.show_report(core.under_root(text, "report folder"))
 
 with map_tab, core.shown_errors():
     real_text = st.text_input("Real images (folder under the data root)", key="explore_real")

@@ -7,8 +7,8 @@ import streamlit as st
 from streamlit_drawable_canvas import st_canvas
 
 from pixgen.io import SetManifest, load_image
-from pixgen.masks import BUNDLED_MASK_MODEL, load_layout, load_layouts
 from pixgen.mask_sampler import MaskSampler
+from pixgen.masks import BUNDLED_MASK_MODEL, load_layout, load_layouts
 from studio import core, jobs
 from studio.canvas import CLASS_COLOURS, layout_from_canvas
 
