@@ -345,8 +345,6 @@ def test_cancel_stops_generation_and_keeps_an_incomplete_set(tmp_path, one_threa
 def test_pixgen_studio_command(tmp_path, monkeypatch):
     import argparse
 
-    import tomllib
-
     from studio import cli
 
     parser = argparse.ArgumentParser()
