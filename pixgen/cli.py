@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pixgen {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from pixgen import commands
+    from pixgen import commands, commands_stain
 
     commands.add_parsers(sub)
+    commands_stain.add_parser(sub)
     for ep in sorted(entry_points(group="pixgen.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return parser

@@ -40,6 +40,7 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
 
 from pixgen.errors import InputError, ModelLoadError
+from pixgen.io.int8 import INT8_WEIGHTS, load_model
 
 __all__ = [
     "CLASSES", "MASK_CHANNELS", "PALETTE", "MaskFormat", "Layout", "encode_masks", "check_layout",
@@ -333,9 +334,10 @@ def _fitted(item: Any, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndar
 
 def base_digest(generator_dir: str | Path) -> str:
     """sha256 of a Generator folder's transformer weights: ties a mask model to its base."""
-    path = Path(generator_dir) / "transformer" / "diffusion_pytorch_model.safetensors"
-    if not path.is_file():
-        raise ModelLoadError(f"no transformer weights at {path}", fix="pass a Generator folder")
+    folder = Path(generator_dir) / "transformer"
+    path = next((p for p in (folder / INT8_WEIGHTS, folder / "diffusion_pytorch_model.safetensors") if p.is_file()), None)
+    if path is None:
+        raise ModelLoadError(f"no transformer weights in {folder}", fix="pass a Generator folder")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -359,7 +361,7 @@ def attach_mask_model(gen: Any, folder: str | Path = BUNDLED_MASK_MODEL, check_b
             raise ModelLoadError(f"the mask model in {folder} was trained for another generator than {gen.source}",
                                  fix="retrain it for this base: python -m recipes.mask_controlnet --base "
                                      f"{gen.source} --work runs/masks --export DIR")
-    controlnet = PixgenControlNet.from_pretrained(folder / "controlnet").to(gen.device)
+    controlnet = load_model(PixgenControlNet, folder / "controlnet").to(gen.device)
     gen.controlnet = (controlnet if controlnet.dtype == gen.dtype else controlnet.to(dtype=gen.dtype)).eval()
     return gen
 

@@ -42,6 +42,7 @@ from pixgen.conditioning import Condition, from_keywords
 from pixgen.embeddings import DEFAULT_DOMAIN, EmbeddingBank, Embeddings
 from pixgen.errors import InputError, ModelLoadError, PixgenError
 from pixgen.io import load_image, write_json_atomic
+from pixgen.io.int8 import load_model
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, per_image
 from pixgen.models.transformer import PixgenTransformer
@@ -169,7 +170,7 @@ class Generator:
                               local_files_only=local_files_only)
         else:
             with _reading(root / "transformer"):
-                transformer = PixgenTransformer.from_pretrained(root / "transformer")
+                transformer = load_model(PixgenTransformer, root / "transformer")
             with _reading(Path(vae_path) if vae_path else root / "vae"):
                 vae = load_autoencoder(vae_path or root / "vae", token=token, local_files_only=local_files_only)
             scheduler = _load_scheduler(root / "scheduler")
@@ -177,7 +178,7 @@ class Generator:
             controlnet = None
             if (root / "controlnet").is_dir():
                 with _reading(root / "controlnet"):
-                    controlnet = PixgenControlNet.from_pretrained(root / "controlnet")
+                    controlnet = load_model(PixgenControlNet, root / "controlnet")
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
                       controlnet=controlnet, prior=EmbeddingPrior.load(root / PRIOR_DIR))
         gen.locate(root, encoder_path=encoder_path, token=token, trust_remote_code=trust_remote_code)

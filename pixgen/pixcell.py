@@ -42,8 +42,12 @@ from typing import Any
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import Timesteps
+from diffusers.models.modeling_utils import ModelMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from pixgen.errors import InputError, ModelLoadError
 from pixgen.models.autoencoders import Autoencoder, load_autoencoder
@@ -57,6 +61,13 @@ __all__ = [
     "pixcell_guidance_to_pixgen",
     "load_strict",
     "SD35_VAE",
+    "PixCellFlowMLP",
+    "load_pixcell_flow_mlp",
+    "load_stain_lora",
+    "add_stain_lora",
+    "read_state",
+    "STAIN_REPO",
+    "STAIN_NAMES",
 ]
 
 SD35_VAE = ("stabilityai/stable-diffusion-3.5-large", "vae")  # PixCell does not host these weights
@@ -387,3 +398,194 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"corrupt {path}: {err}", fix="re-download the file") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Virtual staining (``virtual_staining/`` of cvlab-stonybrook/PixCell; weights in the Hub repo
+# StonyBrook-CVLab/pixcell-virtual-staining): a rectified-flow residual MLP from H&E to IHC UNI2-h
+# embeddings (``resmlp.SimpleMLP`` as ``train_flow_mlp.py`` builds it) and a rank-4 LoRA on the
+# cross-attention of PixCell-1024 (``train_lora.py``). Both are saved with ``torch.save(state_dict)``
+# as ``ckpts/mlp/<name>_mlp.pth`` and ``ckpts/lora/<name>_lora.pth`` (names from public scripts
+# that download them: mist_her2, mist_er, mist_pr, mist_ki67, her2match). The .pth files are read
+# with ``torch.load(weights_only=True)``, which accepts tensors and plain containers only.
+# ---------------------------------------------------------------------------------------------
+STAIN_REPO = "StonyBrook-CVLab/pixcell-virtual-staining"
+STAIN_BASE = "StonyBrook-CVLab/PixCell-1024"  # the LoRAs adapt PixCell-1024
+STAIN_MLP_DIR, STAIN_LORA_DIR = "ckpts/mlp", "ckpts/lora"
+STAIN_NAMES = ("mist_her2", "mist_er", "mist_pr", "mist_ki67", "her2match")
+# train_flow_mlp.py: SimpleMLP(in 1536, time_embed_dim 1024, model 1024, bottleneck 1024, out 1536, 6 blocks)
+STAIN_MLP_DEFAULTS = {"in_channels": 1536, "time_embed_dim": 1024, "model_channels": 1024,
+                      "bottleneck_channels": 1024, "out_channels": 1536, "num_res_blocks": 6}
+# train_lora.py: LoraConfig(r=4, lora_alpha=4, gaussian init) on these names; the add_* ones match no
+# module of PixCell's cross-attention (peft skips them), so the adapters sit on to_q/to_k/to_v/to_out.0.
+STAIN_LORA_RANK = 4
+STAIN_LORA_TARGETS = ("attn2.add_k_proj", "attn2.add_q_proj", "attn2.add_v_proj", "attn2.to_add_out",
+                      "attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v")
+STAIN_LORA_ADAPTER = "default"  # peft's adapter name in the published keys (``lora_A.default.weight``)
+STAIN_GUIDANCE = 1.2  # --guidance_scale default of a public PixCell virtual-staining inference script
+
+
+class _PixCellResBlock(nn.Module):
+    """``resmlp.ResBlock`` (no context): LN -> SiLU -> Linear, plus SiLU -> Linear of the time
+    embedding, then LN -> SiLU -> Dropout -> Linear, added back (published key names)."""
+
+    def __init__(self, channels: int, mid_channels: int, emb_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.LayerNorm(channels), nn.SiLU(), nn.Linear(channels, mid_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, mid_channels))
+        self.out_layers = nn.Sequential(nn.LayerNorm(mid_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Linear(mid_channels, channels))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # (N, C), (N, E)
+        return x + self.out_layers(self.in_layers(x) + self.emb_layers(emb))
+
+
+class PixCellFlowMLP(ModelMixin, ConfigMixin):
+    """PixCell's stain-flow MLP with its published module and key names (``time_embed.0``,
+    ``input_proj``, ``res_blocks.i.in_layers.2``, ``out.2``, ...).
+
+    Convention (PixCell's): ``x_t = t * ihc + (1 - t) * he``; ``forward(x_t, 999 * t)`` predicts
+    ``ihc - he``. The time embedding is the sinusoidal ``[cos, sin]`` of ``timesteps`` over
+    ``model_channels`` (diffusers' ``Timesteps`` with ``flip_sin_to_cos=True``, shift 0).
+
+    Example:
+        >>> mlp = PixCellFlowMLP(in_channels=8, time_embed_dim=16, model_channels=16, bottleneck_channels=16,
+        ...                      out_channels=8, num_res_blocks=2)
+        >>> mlp(torch.zeros(3, 8), torch.full((3,), 500.0)).shape
+        torch.Size([3, 8])
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 1536, time_embed_dim: int = 1024, model_channels: int = 1024,
+                 bottleneck_channels: int = 1024, out_channels: int = 1536, num_res_blocks: int = 6):
+        super().__init__()
+        self.time_proj = Timesteps(model_channels, flip_sin_to_cos=True, downscale_freq_shift=0)  # no weights
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        nn.Linear(time_embed_dim, time_embed_dim))
+        self.input_proj = nn.Linear(in_channels, model_channels)
+        self.res_blocks = nn.ModuleList(_PixCellResBlock(model_channels, bottleneck_channels, time_embed_dim)
+                                        for _ in range(num_res_blocks))
+        self.out = nn.Sequential(nn.LayerNorm(model_channels, eps=1e-6), nn.SiLU(),
+                                 nn.Linear(model_channels, out_channels))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Velocity ``ihc - he`` (N, out) at ``x`` (N, in) and PixCell timesteps ``999 * t`` (N,)."""
+        emb = self.time_embed(self.time_proj(timesteps.float()).to(x.dtype))  # (N, E)
+        h = self.input_proj(x)
+        for block in self.res_blocks:
+            h = block(h, emb)
+        return self.out(h)
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors``, or from a PyTorch ``.pth`` / ``.pt`` / ``.bin`` read with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only; nothing else is unpickled)."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"no weights file at {path}", fix="download the file or pass the right path")
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "it holds pickled Python objects besides tensors, which pixgen never unpickles"
+        raise ModelLoadError(f"cannot read {path} as a state dict ({reason})",
+                             fix="re-download it; pixgen reads safetensors or tensor-only .pth files") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} is not a state dict of tensors", fix="pass the published .pth / .safetensors")
+    return state
+
+
+def load_pixcell_flow_mlp(path: str | Path) -> PixCellFlowMLP:
+    """PixCell's stain-flow MLP from ``ckpts/mlp/<name>_mlp.pth`` (or a safetensors copy), strictly:
+    the sizes are read from the weights, and every key must be a published ``SimpleMLP`` key.
+
+    Example:
+        >>> mlp = load_pixcell_flow_mlp("pixcell-virtual-staining/ckpts/mlp/mist_her2_mlp.pth")  # doctest: +SKIP
+    """
+    state = read_state(path)
+    try:
+        blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("res_blocks."))
+        config = {"in_channels": state["input_proj.weight"].shape[1],
+                  "model_channels": state["input_proj.weight"].shape[0],
+                  "time_embed_dim": state["time_embed.0.weight"].shape[0],
+                  "bottleneck_channels": state["res_blocks.0.in_layers.2.weight"].shape[0],
+                  "out_channels": state["out.2.weight"].shape[0], "num_res_blocks": blocks}
+    except (KeyError, ValueError, IndexError) as err:
+        raise ModelLoadError(f"{path} is not a PixCell flow MLP (missing {err})",
+                             fix="pass a ckpts/mlp/*_mlp.pth file of StonyBrook-CVLab/pixcell-virtual-staining") from None
+    model = PixCellFlowMLP(**{k: int(v) for k, v in config.items()})
+    load_strict(model, state, path)
+    return model.eval()
+
+
+def add_stain_lora(transformer: PixgenTransformer, rank: int = STAIN_LORA_RANK) -> PixgenTransformer:
+    """Wrap ``transformer``'s cross-attention projections with peft LoRA adapters as PixCell's
+    ``train_lora.py`` does (rank = alpha, adapter name ``default``); returns the same module."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(STAIN_LORA_TARGETS))
+    return inject_adapter_in_model(config, transformer, adapter_name=STAIN_LORA_ADAPTER)
+
+
+def lora_key(key: str) -> str | None:
+    """The published (peft, adapter ``default``) name of a LoRA key in any of the usual spellings:
+    peft's ``...lora_A.default.weight``, diffusers' ``transformer.…lora_A.weight`` or peft's
+    saved-adapter ``…lora_A.weight``; None for a key that is not a LoRA weight.
+
+    Example:
+        >>> lora_key("transformer.transformer_blocks.0.attn2.to_q.lora_A.weight")
+        'transformer_blocks.0.attn2.to_q.lora_A.default.weight'
+    """
+    for part in ("lora_A", "lora_B"):
+        if f".{part}." in key:
+            key = key.removeprefix("transformer.").removeprefix("base_model.model.")
+            head, tail = key.split(f".{part}.", 1)
+            return f"{head}.{part}.{STAIN_LORA_ADAPTER}.weight" if tail in ("weight", f"{STAIN_LORA_ADAPTER}.weight") \
+                else None
+    return None
+
+
+def load_stain_lora(transformer: PixgenTransformer, path: str | Path, merge: bool = True) -> PixgenTransformer:
+    """Apply a virtual-staining LoRA file to a PixCell-1024 transformer, strictly.
+
+    Two layouts are accepted: PixCell's published one (``ckpts/lora/<name>_lora.pth``: the whole
+    LoRA-wrapped transformer's state dict, base weights as ``….base_layer.weight``), which replaces
+    every weight; or an adapter-only file (diffusers' ``pytorch_lora_weights.safetensors`` or peft
+    names), which must hold exactly the adapters. Anything missing, extra or misshapen is refused.
+    ``merge`` folds the adapters into the base weights (same outputs, no LoRA cost per step).
+
+    Example:
+        >>> load_stain_lora(gen.transformer, "ckpts/lora/mist_her2_lora.pth")   # doctest: +SKIP
+    """
+    state = read_state(path)
+    add_stain_lora(transformer)
+    own = transformer.state_dict()
+    wanted = {k for k in own if ".lora_" in k}
+    if any(".base_layer." in k for k in state):  # PixCell's published layout: everything
+        load_strict(transformer, state, path)
+    else:
+        renamed: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            name = lora_key(key)
+            if name is None:
+                raise ModelLoadError(f"{path}: {key!r} is neither a LoRA weight nor a published PixCell key",
+                                     fix="pass PixCell's ckpts/lora/*_lora.pth or an adapter-only LoRA file")
+            renamed[name] = value
+        missing, extra = sorted(wanted - set(renamed)), sorted(set(renamed) - wanted)
+        wrong = sorted(k for k in set(renamed) & wanted if renamed[k].shape != own[k].shape)
+        if missing or extra or wrong:
+            raise ModelLoadError(f"{path}: the adapters do not fit this transformer (missing {missing[:3]}, "
+                                 f"unexpected {extra[:3]}, wrong shape {wrong[:3]})",
+                                 fix=f"a rank-{STAIN_LORA_RANK} LoRA on PixCell-1024's cross-attention is expected")
+        transformer.load_state_dict(renamed, strict=False)
+    if merge:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+    return transformer.requires_grad_(False).eval()

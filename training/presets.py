@@ -179,6 +179,25 @@ PRESETS: dict[str, TrainConfig] = {
         lr=1e-4, batch_size=8, warmup_steps=100, max_steps=5000, ema_decay=0.999, mixed_precision="bf16",
         gradient_checkpointing=True, init="StonyBrook-CVLab/PixCell-256", checkpoint_every=500, sample_every=500,
     ),
+    # Virtual staining (docs/staining.md), PixCell's recipe (virtual_staining/train_lora.py): rank-4 LoRA
+    # (alpha 4) on PixCell-1024's cross-attention, lr 1e-4, condition dropout 0.1, on the IHC tiles of the
+    # pairs (python -m training.tasks.lora); and the direct baseline, a ControlNet over the same base (27
+    # copied blocks, as PixCell's cell ControlNet) with the H&E latents as its control input
+    # (python -m training.tasks.stain_controlnet).
+    "pixcell-stain-lora": TrainConfig(
+        model="pixgen-XL/2", objective="epsilon", learned_sigma=True, condition_grid=4, image_size=1024,
+        init="StonyBrook-CVLab/PixCell-1024", lora_rank=4, lora_alpha=4.0,
+        lora_targets=("attn2.add_k_proj", "attn2.add_q_proj", "attn2.add_v_proj", "attn2.to_add_out", "attn2.to_k",
+                      "attn2.to_out.0", "attn2.to_q", "attn2.to_v"),
+        lr=1e-4, batch_size=4, warmup_steps=500, max_steps=20000, mixed_precision="bf16", ema_decay=0.0,
+        gradient_checkpointing=True, checkpoint_every=500, sample_every=0,
+    ),
+    "pixcell-stain-controlnet": TrainConfig(
+        task="controlnet", control_field="he_latents", model="pixgen-XL/2", objective="epsilon", learned_sigma=True,
+        condition_grid=4, image_size=1024, init="StonyBrook-CVLab/PixCell-1024", controlnet_layers=27, lr=1e-5,
+        batch_size=4, warmup_steps=500, max_steps=20000, mixed_precision="bf16", ema_decay=0.0,
+        gradient_checkpointing=True, checkpoint_every=500, sample_every=0,
+    ),
 }
 
 # Fields that may differ between an interrupted run and its resumption.
