@@ -69,17 +69,20 @@ if "stain_out" in st.session_state:
         from pathlib import Path
 
         out, he_paths, to, mpp = st.session_state["stain_out"]
+        rows = []
         for he in map(Path, he_paths):
             ihc = load_rgb(Path(out) / f"{he.stem}_{to}.png")
             c1, c2, c3 = st.columns(3)
-            c1.image(load_rgb(he), caption=f"H&E {he.name}")
-            c2.image(ihc, caption=f"IHC ({to})")
-            if quantify_dab is None:
-                c3.info("DAB quantification is not available (`metrics.staining` is missing).")
-                continue
-            q = quantify_dab(ihc, mpp=mpp or 0.5, name=he.name)
-            c3.image(dab_overlay(ihc, q), caption="DAB: nuclei red = positive, blue = negative")
-            c3.table([{k: (round(v, 3) if isinstance(v, float) and np.isfinite(v) else v)
-                       for k, v in q.summary().items()}])
+            c1.image(load_rgb(he), caption=f"H&E {he.name}", width=224)
+            c2.image(ihc, caption=f"IHC ({to})", width=224)
+            if quantify_dab is not None:
+                q = quantify_dab(ihc, mpp=mpp or 0.5, name=he.name)
+                c3.image(dab_overlay(ihc, q), caption="DAB: nuclei red = positive, blue = negative", width=224)
+                rows.append({"tile": he.name, **{k: round(v, 3) if isinstance(v, float) and np.isfinite(v) else v
+                                                 for k, v in q.summary().items()}})
+        if quantify_dab is None:
+            st.info("DAB quantification is not available (`metrics.staining` is missing).")
+        else:
+            st.table(rows)
         st.download_button("Download the IHC images (zip)", core.zip_folder(Path(out)),
                            file_name=f"pixgen-stain-{Path(out).name}.zip", mime="application/zip")
