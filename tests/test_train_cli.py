@@ -86,3 +86,14 @@ def test_presets_and_overrides():
         apply_overrides(cfg, ["learned_sigma=true"])
     with pytest.raises(InputError, match="bad value"):
         apply_overrides(cfg, ["batch_size=many"])
+
+
+@pytest.mark.parametrize("preset, command", [("pixcell-stain-lora", "training.tasks.lora"),
+                                             ("pixcell-stain-controlnet", "training.tasks.stain_controlnet")])
+def test_stain_presets_are_refused_by_pixgen_train(tmp_path, capsys, preset, command):
+    """They would export an IHC model tagged as H&E: their own command is named instead."""
+    cache = synthetic_cache(tmp_path / "cache")
+    assert main(["train", "--preset", preset, "--data", str(cache), "--out", str(tmp_path / "run"), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert command in err and "fix:" in err
+    assert not (tmp_path / "run").exists()

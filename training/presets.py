@@ -200,6 +200,10 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 
+# Presets that only their own command runs (it tags the export with the IHC stain and registers it).
+OWN_COMMAND = {"pixcell-stain-lora": "python -m training.tasks.lora",
+               "pixcell-stain-controlnet": "python -m training.tasks.stain_controlnet"}
+
 # Fields that may differ between an interrupted run and its resumption.
 RESUMABLE_FIELDS = TrainConfig.RESUMABLE
 

@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from pixgen.errors import InputError
 from training.engine import Engine, list_checkpoints, step_seed
-from training.presets import PRESETS, TrainConfig, apply_overrides, get_preset
+from training.presets import OWN_COMMAND, PRESETS, TrainConfig, apply_overrides, get_preset
 from training.tasks import ControlNetTask, GeneratorTask
 from training.tasks.generator import build_transformer
 
@@ -221,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"task": args.task, "max_steps": args.max_steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                  "lr": args.lr, "mixed_precision": args.mixed_precision, "init": args.init,
                  "lora_rank": args.lora_rank, "mpp": args.mpp, "gradient_checkpointing": args.gradient_checkpointing}
+    if args.preset in OWN_COMMAND:
+        raise InputError(f"preset {args.preset!r} trains an IHC model, which pixgen train would export tagged as H&E",
+                         fix=f"run it with its own command: {OWN_COMMAND[args.preset]} --help (docs/staining.md)")
     cfg = resolve_config(args.preset, args.out, args.resume, overrides, args.set)
     if args.dry_run:
         print(dry_run_report(cfg, args.data, processes=int(os.environ.get("WORLD_SIZE", 1))))
