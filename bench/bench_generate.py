@@ -9,6 +9,8 @@ per bank label; synthetic labels are drawn in the real set's proportions).
 
     # the side-by-side table: old default (28 Euler + CFG), each preset, stock PixArtSigmaPipeline
     python bench/bench_generate.py table --real /work/runs/gen-v2/test-tiles --n 256 --out /work/runs/speed/table
+    # where the time goes: ms per transformer row and per decoded image, float32 / bfloat16 / autocast
+    python bench/bench_generate.py parts --thread-counts 1 2
     # the quality-vs-steps curve (rows are SAMPLER:STEPS[:gi=LO-HI][:bf16][:shift=S]) and its plot
     python bench/bench_generate.py curve --real /work/runs/gen-v2/test-tiles --n 256 --out /work/runs/speed/curve \\
         --rows euler:28 euler:8 dpm++2m:8 unipc:8 heun:5 --plot docs/benchmarks/fd_vs_steps.png
@@ -297,6 +299,42 @@ def plot(done: dict[str, dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+@torch.no_grad()
+def parts(args) -> None:
+    """Milliseconds per transformer row and per decoded image of the bundled model: float32,
+    bfloat16 weights, and float32 weights under ``torch.autocast(bfloat16)``, per thread count."""
+    import contextlib
+
+    gen = Generator.from_pretrained(BUNDLED)
+    b = args.batch
+    x, t, y = torch.randn(b, 4, 32, 32), torch.full((b,), 500.0), torch.randn(b, 1, 192)
+    print(header(args))
+    print("| threads | execution | ms / transformer row | ms / decoded image |\n|---|---|---|---|")
+    for threads in args.thread_counts:
+        torch.set_num_threads(threads)
+        for name, dtype, ctx in (("float32", torch.float32, contextlib.nullcontext),
+                                 ("bfloat16 weights", torch.bfloat16, contextlib.nullcontext),
+                                 ("float32 + autocast bf16", torch.float32,
+                                  lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+            model, vae = gen.transformer.to(dtype), gen.vae.to(dtype)
+            with ctx():
+                fwd = _best_ms(lambda: model(x.to(dtype), t, y.to(dtype)), args.repeats) / b
+                dec = _best_ms(lambda: vae.decode(x.to(dtype)), args.repeats) / b
+            print(f"| {threads} | {name} | {fwd:.2f} | {dec:.1f} |", flush=True)
+        gen.transformer.float(), gen.vae.float()
+
+
+def _best_ms(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one warm-up (the least disturbed by other jobs)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * min(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -308,13 +346,19 @@ def main() -> None:
         p.add_argument("--batch", type=int, default=32)
         p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended CPU)")
         p.add_argument("--n-boot", type=int, default=200)
+    p = sub.add_parser("parts", help="per-row and per-decode cost: float32, bfloat16, autocast; thread counts")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     sub.choices["table"].add_argument("--reuse", action="store_true", help="keep rows of an earlier run (not timed together)")
     sub.choices["table"].add_argument("--rows", nargs="*", help="extra candidate rows, as for curve")
     sub.choices["curve"].add_argument("--rows", nargs="+", required=True)
     sub.choices["curve"].add_argument("--plot", type=Path)
     sub.choices["curve"].add_argument("--fresh", action="store_true")
     args = ap.parse_args()
-    (table if args.mode == "table" else curve)(args)
+    {"table": table, "curve": curve, "parts": parts}[args.mode](args)
 
 
 if __name__ == "__main__":

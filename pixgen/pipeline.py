@@ -222,6 +222,7 @@ class Generator:
             raise InputError(f"quality presets are measured for flow-matching models; this one predicts {prediction}",
                              fix="leave --quality out (the model's own sampler) and set --steps instead")
         self.scheduler = make_scheduler(preset.sampler, prediction, preset.shift)
+        self._low_precision = None
         self.config.update(num_inference_steps=preset.num_inference_steps, compute_dtype=preset.dtype,
                            guidance_interval=list(preset.guidance_interval) if preset.guidance_interval else None,
                            quality=quality if isinstance(quality, str) else None)
@@ -573,12 +574,13 @@ class Generator:
 
     def _compute_modules(self) -> tuple[PixgenTransformer, Autoencoder, PixgenControlNet | None]:
         """Transformer, autoencoder and ControlNet in the preset's ``compute_dtype``: the modules
-        themselves, or bfloat16 copies of float32 ones (made once per set of modules, then kept)."""
+        themselves, or bfloat16 copies of float32 ones (made once per set of modules and device, then
+        kept: weights changed in place afterwards need :meth:`set_quality` again)."""
         name = self.config.get("compute_dtype")
         modules = (self.transformer, self.vae, self.controlnet)
         if name != "bfloat16" or self.dtype != torch.float32 or not _native_bf16(self.device):
             return modules
-        key = tuple(id(m) for m in modules)
+        key = (*(id(m) for m in modules), str(self.device))
         if self._low_precision is None or self._low_precision[0] != key:
             copies = tuple(None if m is None else copy.deepcopy(m).to(torch.bfloat16) for m in modules)
             self._low_precision = (key, copies)
