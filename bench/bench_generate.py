@@ -266,6 +266,7 @@ def plot(done: dict[str, dict], path: Path, title: str) -> None:
     """FD vs model rows per image, one line per sampler (CFG every step), per detector; the 28-step
     Euler reference's interval shaded; guidance-interval / shifted rows as separate markers."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,6 +291,9 @@ def plot(done: dict[str, dict], path: Path, title: str) -> None:
                 for p in pts:
                     ax.annotate(p[2], (p[0], p[1]["value"]), fontsize=6)
         ax.set_xscale("log")
+        ax.set_xticks(sorted({r["forwards"] for r in done.values()}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.minorticks_off()
         ax.set_xlabel("model rows per image (steps x 2 under CFG)")
         ax.set_ylabel(f"FD ({det})")
         ax.legend(fontsize=7)
