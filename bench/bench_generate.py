@@ -15,8 +15,10 @@ per bank label; synthetic labels are drawn in the real set's proportions).
     python bench/bench_generate.py curve --real /work/runs/gen-v2/test-tiles --n 256 --out /work/runs/speed/curve \\
         --rows euler:28 euler:8 dpm++2m:8 unipc:8 heun:5 --plot docs/benchmarks/fd_vs_steps.png
 
-Rows are resumable: each row's result is kept in ``OUT/rows.json`` and skipped when present (a
-table's timings are only comparable within one run: pass ``--fresh`` to time every row again).
+A table times its rows in one run, interleaved batch by batch (each batch goes through every row
+before the next), so that a shared machine's changing load falls on all rows alike. A curve's rows
+are kept in ``OUT/rows.json`` as each finishes and skipped when present (resumable; ``--fresh``
+recomputes them).
 """
 
 from __future__ import annotations
@@ -87,15 +89,11 @@ def workload(real: Path, n: int, batch: int, seed: int = 0) -> Workload:
     return Workload(gen, cond.reshape(n, 1, -1), noise, float(gen.config["guidance_scale"]), batch)
 
 
-def run_pixgen(w: Workload, row: QualityPreset) -> tuple[float, np.ndarray]:
-    """Seconds per image and the uint8 images of one settings row: ``Generator.generate`` with the
-    row as its quality preset (one warm-up image first, untimed, as for every row)."""
+def pixgen_batch(w: Workload, row: QualityPreset, sl: slice) -> np.ndarray:
+    """uint8 images of ``sl`` with ``Generator.generate`` and the row as its quality preset."""
     w.gen.set_quality(row)
-    kw = {"num_images": 1, "batch_size": w.batch, "guidance_scale": w.guidance, "output_type": "np", "progress": False}
-    w.gen.generate(embeddings=w.cond[:1], latents=w.noise[:1], **kw)
-    t0 = time.perf_counter()
-    images = w.gen.generate(embeddings=w.cond, latents=w.noise, **kw).images
-    return (time.perf_counter() - t0) / len(w.noise), images
+    return w.gen.generate(embeddings=w.cond[sl], latents=w.noise[sl], num_images=1, batch_size=w.batch,
+                          guidance_scale=w.guidance, output_type="np", progress=False).images
 
 
 @torch.no_grad()
@@ -130,25 +128,36 @@ def stock_pipeline(gen: Generator):
     return pipe
 
 
-def run_stock(w: Workload, pipe) -> tuple[float, np.ndarray]:
-    """The stock pipeline at its call defaults (20 steps, guidance 4.5); latents out, decoded by the
-    same autoencoder (its latent shift is not in PixArt's decode), no resolution binning (the model's
-    128 px is not one of PixArt's bins)."""
-    null = w.gen.transformer.null_condition(1).detach()
-    ones = torch.ones(1, 1, dtype=torch.long)
-    pipe(prompt_embeds=w.cond[:1], prompt_attention_mask=ones, negative_prompt=None, negative_prompt_embeds=null,
-         negative_prompt_attention_mask=ones, latents=w.noise[:1].clone(), use_resolution_binning=False, output_type="latent")
-    t0 = time.perf_counter()
-    images = []
-    for lo in range(0, len(w.noise), w.batch):
-        cond = w.cond[lo : lo + w.batch]
-        ones = torch.ones(len(cond), 1, dtype=torch.long)
-        latents = pipe(prompt_embeds=cond, prompt_attention_mask=ones, negative_prompt=None,
-                       negative_prompt_embeds=null.expand(len(cond), -1, -1),
-                       negative_prompt_attention_mask=ones, latents=w.noise[lo : lo + w.batch].clone(),
-                       use_resolution_binning=False, output_type="latent", return_dict=False)[0]
-        images.append(_decode(w.gen.vae, latents))
-    return (time.perf_counter() - t0) / len(w.noise), np.concatenate(images)
+def stock_batch(w: Workload, pipe, sl: slice) -> np.ndarray:
+    """The stock pipeline at its call defaults (20 steps, guidance 4.5) on ``sl``; latents out, decoded
+    by the same autoencoder (its latent shift is not in PixArt's decode), no resolution binning (the
+    model's 128 px is not one of PixArt's bins)."""
+    cond = w.cond[sl]
+    ones = torch.ones(len(cond), 1, dtype=torch.long)
+    null = w.gen.transformer.null_condition(len(cond)).detach()
+    latents = pipe(prompt_embeds=cond, prompt_attention_mask=ones, negative_prompt=None, negative_prompt_embeds=null,
+                   negative_prompt_attention_mask=ones, latents=w.noise[sl].clone(), use_resolution_binning=False,
+                   output_type="latent", return_dict=False)[0]
+    return _decode(w.gen.vae, latents)
+
+
+def timed_rows(w: Workload, runners: dict, interleave: bool) -> dict[str, tuple[float, np.ndarray]]:
+    """Seconds per image and images of every row (``runners``: name -> fn(slice) -> images), after one
+    untimed warm-up image each. ``interleave``: batch by batch, each batch through every row (in a
+    rotating order) before the next, so every row sees the same changing load of a shared machine."""
+    for fn in runners.values():
+        fn(slice(0, 1))
+    seconds = dict.fromkeys(runners, 0.0)
+    images: dict[str, list] = {name: [] for name in runners}
+    batches = [slice(lo, lo + w.batch) for lo in range(0, len(w.noise), w.batch)]
+    names = list(runners)
+    order = ([(b, names[(k + j) % len(names)]) for k, b in enumerate(batches) for j in range(len(names))] if interleave
+             else [(b, name) for name in names for b in batches])
+    for batch, name in order:
+        t0 = time.perf_counter()
+        images[name].append(runners[name](batch))
+        seconds[name] += time.perf_counter() - t0
+    return {name: (seconds[name] / len(w.noise), np.concatenate(images[name])) for name in runners}
 
 
 class Scorer:
@@ -195,31 +204,33 @@ def _forwards(row: QualityPreset) -> int:
     return sum(2 if lo <= float(t) / 1000 <= hi else 1 for t in scheduler.timesteps)
 
 
-def run_rows(args, rows: list[tuple[str, QualityPreset | None]]) -> dict[str, dict]:
-    """Run (or reuse) each row; returns name -> {seconds, forwards, fd}."""
+def run_rows(args, rows: list[tuple[str, QualityPreset | None]], interleave: bool = False) -> dict[str, dict]:
+    """Run (or, for a curve, reuse) each row; returns name -> {seconds, forwards, fd, settings}.
+    ``None`` settings = the stock pipeline. A curve runs row after row (each kept as it finishes);
+    a table interleaves its rows batch by batch (see :func:`timed_rows`)."""
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "rows.json"
     done = {} if args.fresh or not store.is_file() else json.loads(store.read_text())
+    todo = [(name, row) for name, row in rows if name not in done]
+    if not todo:
+        return done
     w = workload(args.real, args.n, args.batch)
     scorer = Scorer(args.real, args.out.parent / f"real_features_{'_'.join(LABELS)}.npz", args.n_boot)
-    pipe = None
-    for name, row in rows:
-        print(f"{datetime.now(timezone.utc):%H:%M:%S} {name}", flush=True)
-        if name in done:
-            continue
-        if row is None:
-            pipe = pipe or stock_pipeline(w.gen)
-            seconds, images = run_stock(w, pipe)
-            forwards = 40
-        else:
-            seconds, images = run_pixgen(w, row)
-            forwards = _forwards(row)
-        done[name] = {"seconds": seconds, "forwards": forwards, "fd": scorer(images),
-                      "settings": None if row is None else row.__dict__}
+    pipe = stock_pipeline(w.gen) if any(row is None for _, row in todo) else None
+    runner = {name: (lambda sl, row=row: pixgen_batch(w, row, sl)) if row is not None else (lambda sl: stock_batch(w, pipe, sl))
+              for name, row in todo}
+    groups = [todo] if interleave else [[item] for item in todo]
+    for group in groups:
+        print(f"{datetime.now(timezone.utc):%H:%M:%S} {', '.join(name for name, _ in group)}", flush=True)
+        results = timed_rows(w, {name: runner[name] for name, _ in group}, interleave)
+        for name, row in group:
+            seconds, images = results[name]
+            done[name] = {"seconds": seconds, "forwards": 40 if row is None else _forwards(row), "fd": scorer(images),
+                          "settings": None if row is None else row.__dict__}
+            np.save(args.out / f"sample_{name.replace(':', '_')}.npy", images[:16])
+            print(name, json.dumps(done[name]), flush=True)
         store.write_text(json.dumps(done, indent=1))
-        np.save(args.out / f"sample_{name.replace(':', '_')}.npy", images[:16])
-        print(name, json.dumps(done[name]), flush=True)
     return done
 
 
@@ -235,13 +246,13 @@ def header(args) -> str:
 
 def table(args) -> None:
     """The old default, every preset (and any ``--rows`` candidates) and the stock pipeline, timed in
-    this one run; rows whose settings are a preset's are named after it."""
+    this one run, interleaved batch by batch; rows whose settings are a preset's are named after it."""
     old = ("old default (euler:28, CFG every step, fp32)", OLD_DEFAULT)
     candidates = list(QUALITY_PRESETS.values()) + [parse_row(spec) for spec in args.rows or []]
     rows = [old] + [(row_name(p), p) for p in dict.fromkeys(candidates) if p != OLD_DEFAULT]
     rows.append(("stock PixArtSigmaPipeline (its defaults: DPM-Solver++ 20 steps, guidance 4.5)", None))
     args.fresh = not args.reuse
-    done = run_rows(args, rows)
+    done = run_rows(args, rows, interleave=True)
     base, stock = done[old[0]]["seconds"], done[rows[-1][0]]["seconds"]
     presets = {p: name for name, p in QUALITY_PRESETS.items()}
     dets = list(next(iter(done.values()))["fd"])

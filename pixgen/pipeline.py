@@ -222,7 +222,6 @@ class Generator:
             raise InputError(f"quality presets are measured for flow-matching models; this one predicts {prediction}",
                              fix="leave --quality out (the model's own sampler) and set --steps instead")
         self.scheduler = make_scheduler(preset.sampler, prediction, preset.shift)
-        self._low_precision = None
         self.config.update(num_inference_steps=preset.num_inference_steps, compute_dtype=preset.dtype,
                            guidance_interval=list(preset.guidance_interval) if preset.guidance_interval else None,
                            quality=quality if isinstance(quality, str) else None)
