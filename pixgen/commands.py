@@ -233,7 +233,8 @@ def _set_manifest(args: argparse.Namespace, gen):
                        {"vae_path": args.vae_path, "encoder_path": args.encoder_path}),
         sampler=SamplerSettings(steps=steps, guidance=guidance, scheduler=type(gen.scheduler).__name__,
                                 batch_size=args.batch_size, n=args.n, seed=args.seed, device=args.device,
-                                dtype=args.dtype, control_scale=args.control_scale if args.control_image else None),
+                                dtype=str(gen.compute_dtype).removeprefix("torch."),
+                                control_scale=args.control_scale if args.control_image else None),
         embeddings=FileHash(args.embeddings, sha256_file(args.embeddings))
         if args.embeddings and Path(args.embeddings).is_file() else None,
         references={r: sha256_file(r) for r in args.reference or [] if Path(r).is_file()},

@@ -283,6 +283,14 @@ class Generator:
         return next(self.transformer.parameters()).dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype sampling runs in: the model's, or bfloat16 for a float32 model under a bfloat16
+        preset on a device that computes it natively."""
+        if self.config.get("compute_dtype") == "bfloat16" and self.dtype == torch.float32 and _native_bf16(self.device):
+            return torch.bfloat16
+        return self.dtype
+
+    @property
     def source(self) -> Path | None:
         """The folder the model was loaded from (None for a model built in memory)."""
         return self._root
@@ -575,9 +583,8 @@ class Generator:
         """Transformer, autoencoder and ControlNet in the preset's ``compute_dtype``: the modules
         themselves, or bfloat16 copies of float32 ones (made once per set of modules and device, then
         kept: weights changed in place afterwards need :meth:`set_quality` again)."""
-        name = self.config.get("compute_dtype")
         modules = (self.transformer, self.vae, self.controlnet)
-        if name != "bfloat16" or self.dtype != torch.float32 or not _native_bf16(self.device):
+        if self.compute_dtype == self.dtype:
             return modules
         key = (*(id(m) for m in modules), str(self.device))
         if self._low_precision is None or self._low_precision[0] != key:
