@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -364,7 +365,9 @@ def sample(
         raise InputError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}",
                          fix="pass noise levels t/T, e.g. (0.0, 0.7)")
     device = next(denoiser.parameters()).device
-    scheduler.set_timesteps(steps, device=device)
+    with warnings.catch_warnings():  # diffusers' DPM-Solver++ passes a tensor to np.array: numpy 2's deprecation, not ours
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+        scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps[start_step * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start_step * scheduler.order)
