@@ -44,7 +44,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--sample-masks", type=int, help="generate N random nuclei layouts and their images")
     gen.add_argument("--tissue", default="consep", help="layout statistics for --sample-masks (consep, monuseg)")
     gen.add_argument("--mask-model", help="mask ControlNet folder (default: the bundled pixgen-masks)")
-    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    # names checked at run time (pixgen.sampling.QUALITY_PRESETS / SAMPLERS): building the parser imports no torch
+    gen.add_argument("--quality", help="fast, balanced or best: a flow-matching model's measured sampler, steps, "
+                     "guidance interval and dtype (docs/benchmarks.md; default balanced); other models keep their own")
+    gen.add_argument("--sampler", help="euler, heun, dpm++2m or unipc, replacing the preset's (or the model's) solver")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the preset's, or the model's)")
     gen.add_argument("--guidance", type=float, help="CFG scale w, pred = uncond + w(cond-uncond); 1 = off")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
@@ -106,6 +110,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device,
         dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
     )
+    _apply_quality(gen, args)
     masks = [np.array(load_image(p).convert("L")) for p in args.control_image] if args.control_image else None
     embeddings = _load_embeddings(args.embeddings)
     # each batch is written as it finishes: a refused request leaves nothing behind, a set broken
@@ -130,10 +135,31 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_quality(gen, args: argparse.Namespace) -> None:
+    """``--quality`` / ``--sampler``: a flow-matching model samples with the preset (default
+    ``DEFAULT_QUALITY``), its sampler replaced by ``--sampler``; another model (PixCell, epsilon)
+    keeps its own sampler unless ``--sampler`` names one (``--quality`` is refused there)."""
+    from dataclasses import replace
+
+    from pixgen.sampling import DEFAULT_QUALITY, make_scheduler, quality_preset
+
+    prediction = gen.transformer.config.prediction_type
+    if prediction != "flow" and args.quality is None:
+        if args.sampler:
+            gen.scheduler = make_scheduler(args.sampler, prediction)
+        return
+    preset = quality_preset(args.quality or DEFAULT_QUALITY)
+    gen.set_quality(replace(preset, sampler=args.sampler) if args.sampler else args.quality or DEFAULT_QUALITY)
+
+
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Refuse bad numbers and devices before anything is loaded or written."""
-    from pixgen.sampling import check_sampling_args
+    from pixgen.sampling import SAMPLERS, check_sampling_args, quality_preset
 
+    if args.quality is not None:
+        quality_preset(args.quality)
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {args.sampler!r}", fix=f"use one of {', '.join(SAMPLERS)}")
     for name in ("n", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
@@ -207,7 +233,8 @@ def _set_manifest(args: argparse.Namespace, gen):
                        {"vae_path": args.vae_path, "encoder_path": args.encoder_path}),
         sampler=SamplerSettings(steps=steps, guidance=guidance, scheduler=type(gen.scheduler).__name__,
                                 batch_size=args.batch_size, n=args.n, seed=args.seed, device=args.device,
-                                dtype=args.dtype, control_scale=args.control_scale if args.control_image else None),
+                                dtype=str(gen.compute_dtype).removeprefix("torch."),
+                                control_scale=args.control_scale if args.control_image else None),
         embeddings=FileHash(args.embeddings, sha256_file(args.embeddings))
         if args.embeddings and Path(args.embeddings).is_file() else None,
         references={r: sha256_file(r) for r in args.reference or [] if Path(r).is_file()},

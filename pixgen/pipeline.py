@@ -15,6 +15,13 @@ Default samplers (diffusers schedulers): flow-matching models use
 (DPM-Solver++, order 2) over PixCell's linear betas. Step counts default to the model's
 ``num_inference_steps`` (28 flow / 20 epsilon unless the model says otherwise).
 
+Quality presets (flow-matching models): ``Generator(..., quality="fast")``,
+``from_pretrained(..., quality=)`` or :meth:`Generator.set_quality` replace the model's sampler,
+step count, guidance interval and compute dtype with a measured preset
+(:data:`pixgen.sampling.QUALITY_PRESETS`; ``pixgen generate --quality``). A bfloat16 preset on a
+float32 model runs bfloat16 copies of transformer, ControlNet and decoder (made once, kept) where
+the device computes bfloat16 natively (CUDA; CPUs with AVX512-BF16 or AMX), float32 elsewhere.
+
 Example:
     >>> gen = Generator.from_pretrained("path/to/model")                       # doctest: +SKIP
     >>> out = gen.generate(reference=["tile.png"], num_images=4, seed=0)       # doctest: +SKIP
@@ -23,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from contextlib import contextmanager
@@ -32,7 +40,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
@@ -47,11 +56,13 @@ from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, per_image
 from pixgen.models.transformer import PixgenTransformer
 from pixgen.prior import PRIOR_DIR, EmbeddingPrior
-from pixgen.sampling import StepCallback, check_sampling_args, sample, start_step_for_strength
+from pixgen.sampling import (QualityPreset, StepCallback, check_sampling_args, make_scheduler, quality_preset, sample,
+                             start_step_for_strength)
 
 __all__ = ["Generator", "GenerationOutput", "default_scheduler", "SCHEDULERS"]
 
-SCHEDULERS = {cls.__name__: cls for cls in (FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler)}
+SCHEDULERS = {cls.__name__: cls for cls in (FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler,
+                                             FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler)}
 DEFAULT_STEPS = {"flow": 28, "epsilon": 20}
 INDEX_FILE = "model_index.json"
 # A reference more than this factor larger or smaller than the model's tiles gets a warning (a 2x
@@ -98,8 +109,12 @@ class Generator:
         config: ``encoder`` (registry name), ``domain`` (stain of the generated tissue, ``"he"``;
             embeddings of another domain are refused), ``image_size``, ``mpp``,
             ``num_inference_steps``, ``guidance_scale``, ``controlnet_cfg`` (``"both"`` / ``"cond"``,
-            see :mod:`pixgen.sampling`), and ``encoder_path`` (``"encoder"`` when the encoder's weights are
-            saved inside the model directory; None for hub encoders such as UNI2-h).
+            see :mod:`pixgen.sampling`), ``guidance_interval`` (noise levels ``t / T`` where CFG applies,
+            None = every step), ``compute_dtype`` (set by a quality preset) and ``encoder_path``
+            (``"encoder"`` when the encoder's weights are saved inside the model directory; None for hub
+            encoders such as UNI2-h).
+        quality: a quality preset name (``fast``, ``balanced``, ``best``) or a
+            :class:`~pixgen.sampling.QualityPreset`; see :meth:`set_quality`. None keeps the model's own.
     """
 
     def __init__(
@@ -112,6 +127,7 @@ class Generator:
         config: dict[str, Any] | None = None,
         controlnet: PixgenControlNet | None = None,
         prior: EmbeddingPrior | None = None,
+        quality: str | QualityPreset | None = None,
     ):
         self.transformer = transformer
         self.prior = prior
@@ -136,6 +152,9 @@ class Generator:
         self._encoder_override: str | None = None  # local weights given at load time, not saved
         self._trust_remote_code = False  # the caller's, never the model folder's, say-so
         self._root: Path | None = None  # where the model was loaded from
+        self._low_precision: tuple[tuple, tuple] | None = None  # (key, modules) of a bfloat16 preset's copies
+        if quality is not None:
+            self.set_quality(quality)
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -150,8 +169,10 @@ class Generator:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
+        quality: str | QualityPreset | None = None,
     ) -> Generator:
-        """Load from a local directory or a hub id; ``vae_path``/``encoder_path`` override weights.
+        """Load from a local directory or a hub id; ``vae_path``/``encoder_path`` override weights;
+        ``quality`` applies a preset (:meth:`set_quality`).
 
         No code from the folder runs; ``trust_remote_code`` is passed to `load_encoder` (see there).
 
@@ -182,7 +203,30 @@ class Generator:
             gen = cls(transformer, vae, scheduler, embedding_bank=EmbeddingBank.load(root), config=config,
                       controlnet=controlnet, prior=EmbeddingPrior.load(root / PRIOR_DIR))
         gen.locate(root, encoder_path=encoder_path, token=token, trust_remote_code=trust_remote_code)
+        if quality is not None:
+            gen.set_quality(quality)
         return gen.to(device, dtype) if device or dtype else gen
+
+    def set_quality(self, quality: str | QualityPreset) -> Generator:
+        """Sample with a quality preset: its diffusers scheduler, step count, guidance interval and
+        compute dtype replace the model's (``guidance_scale`` stays the model's); returns ``self``.
+
+        Presets are measured on flow-matching models; an epsilon model (PixCell) is refused.
+
+        Example:
+            >>> gen.set_quality("fast").config["num_inference_steps"]  # doctest: +SKIP
+            8
+        """
+        preset = quality_preset(quality) if isinstance(quality, str) else quality
+        prediction = self.transformer.config.prediction_type
+        if prediction != "flow":
+            raise InputError(f"quality presets are measured for flow-matching models; this one predicts {prediction}",
+                             fix="leave --quality out (the model's own sampler) and set --steps instead")
+        self.scheduler = make_scheduler(preset.sampler, prediction, preset.shift)
+        self.config.update(num_inference_steps=preset.num_inference_steps, compute_dtype=preset.dtype,
+                           guidance_interval=list(preset.guidance_interval) if preset.guidance_interval else None,
+                           quality=quality if isinstance(quality, str) else None)
+        return self
 
     def locate(self, root: str | Path | None, *, encoder_path: str | Path | None = None,
                token: str | None = None, trust_remote_code: bool = False) -> Generator:
@@ -240,6 +284,14 @@ class Generator:
         return next(self.transformer.parameters()).dtype
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype sampling runs in: the model's, or bfloat16 for a float32 model under a bfloat16
+        preset on a device that computes it natively."""
+        if self.config.get("compute_dtype") == "bfloat16" and self.dtype == torch.float32 and _native_bf16(self.device):
+            return torch.bfloat16
+        return self.dtype
+
+    @property
     def source(self) -> Path | None:
         """The folder the model was loaded from (None for a model built in memory)."""
         return self._root
@@ -287,6 +339,8 @@ class Generator:
             "condition_pos_embed": self.transformer.y_pos_embed is not None,
             "prediction": cfg.prediction_type + (" + learned variance" if self.transformer.learned_sigma else ""),
             "scheduler": type(self.scheduler).__name__,
+            "quality": self.config.get("quality"),
+            "guidance_interval": self.config.get("guidance_interval"),
             "num_inference_steps": self.config["num_inference_steps"],
             "guidance_scale": self.config["guidance_scale"],
             "bank": {k: int(v.shape[0]) for k, v in self.embedding_bank.entries.items()} if self.embedding_bank else None,
@@ -440,19 +494,24 @@ class Generator:
             bar.update(1)
             return None if callback is None else callback(step, t, x, x0)
 
+        transformer, vae, controlnet = self._compute_modules()
+        interval = self.config.get("guidance_interval")
         try:
             for lo in range(0, total, batch_size):
                 sl = slice(lo, lo + batch_size)
-                out = sample(self.transformer, self.scheduler, noise[sl], cond.values[sl], num_inference_steps=steps,
+                out = sample(transformer, self.scheduler, noise[sl], cond.values[sl], num_inference_steps=steps,
                              guidance_scale=guidance, start_step=start, image_latents=None if clean is None else clean[sl],
-                             controlnet=self.controlnet if control is not None else None,
+                             controlnet=controlnet if control is not None else None,
                              control=None if control is None else control[sl],
                              controlnet_conditioning_scale=controlnet_conditioning_scale,
-                             controlnet_cfg=controlnet_cfg, callback=on_step)
+                             controlnet_cfg=controlnet_cfg, callback=on_step,
+                             guidance_interval=tuple(interval) if interval else None)
                 part = Embeddings(cond.values[sl], encoder=cond.encoder, ids=cond.ids[sl], domain=cond.domain)
-                images = out if output_type == "latent" else self._decode(out, output_type, batch_size)
+                images = out if output_type == "latent" else self._decode(out, output_type, batch_size, vae)
                 yield GenerationOutput(images=images, seeds=seeds[sl], condition_ids=part.ids, conditions=part,
                                        extra={"num_inference_steps": steps, "guidance_scale": guidance,
+                                              "scheduler": type(self.scheduler).__name__, "guidance_interval": interval,
+                                              "quality": self.config.get("quality"),
                                               "strength": strength, "controlnet_cfg": controlnet_cfg,
                                               "batch_start": lo})
         finally:
@@ -521,10 +580,24 @@ class Generator:
         latents = self._vae_encode(batch.float() / 127.5 - 1)
         return per_image(latents, num_conditions, num_images)
 
-    def _decode(self, latents: torch.Tensor, output_type: str, batch_size: int):
-        vae_dtype = next(self.vae.parameters(), torch.zeros((), dtype=self.dtype)).dtype
+    def _compute_modules(self) -> tuple[PixgenTransformer, Autoencoder, PixgenControlNet | None]:
+        """Transformer, autoencoder and ControlNet in the preset's ``compute_dtype``: the modules
+        themselves, or bfloat16 copies of float32 ones (made once per set of modules and device, then
+        kept: weights changed in place afterwards need :meth:`set_quality` again)."""
+        modules = (self.transformer, self.vae, self.controlnet)
+        if self.compute_dtype == self.dtype:
+            return modules
+        key = (*(id(m) for m in modules), str(self.device))
+        if self._low_precision is None or self._low_precision[0] != key:
+            copies = tuple(None if m is None else copy.deepcopy(m).to(torch.bfloat16) for m in modules)
+            self._low_precision = (key, copies)
+        return self._low_precision[1]
+
+    def _decode(self, latents: torch.Tensor, output_type: str, batch_size: int, vae: Autoencoder | None = None):
+        vae = vae or self.vae
+        vae_dtype = next(vae.parameters(), torch.zeros((), dtype=self.dtype)).dtype
         pixels = torch.cat([
-            self.vae.decode(latents[i : i + batch_size].to(self.device, vae_dtype)).float().cpu()
+            vae.decode(latents[i : i + batch_size].to(self.device, vae_dtype)).float().cpu()
             for i in range(0, len(latents), batch_size)
         ])
         pixels = ((pixels + 1) / 2).clamp(0, 1)  # (N, 3, H, W) in [0, 1]
@@ -626,6 +699,13 @@ def _refuse_pickled_weights(folder: Path) -> None:
                                  "weights; pixgen never unpickles model files",
                                  fix="use the model's .safetensors weights (or convert the checkpoint to safetensors "
                                  "where you trust it)")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (elsewhere it is emulated, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _enable_xformers(model: PixgenTransformer) -> None:

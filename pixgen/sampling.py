@@ -14,6 +14,15 @@ the studio call the same two functions.
   result than asked for. ControlNet residuals go to both halves (``controlnet_cfg="both"``,
   diffusers' ControlNet pipelines: each half with its own tokens) or to the conditional half
   only (``"cond"``). A learned-variance half of the model output is dropped here, explicitly.
+* :func:`make_scheduler`: a diffusers scheduler by sampler name (``euler``, ``heun``, ``dpm++2m``,
+  ``unipc``; flow-matching or epsilon), with an optional timestep ``shift``.
+* Guidance interval (Kynkaanniemi et al., 2024, "Applying guidance in a limited interval"):
+  ``sample(..., guidance_interval=(lo, hi))`` applies CFG only at steps whose noise level
+  ``t / T`` lies in ``[lo, hi]``; the other steps run the conditional rows alone (one batch,
+  not two), so a step outside the interval costs half.
+* :data:`QUALITY_PRESETS`: ``fast`` / ``balanced`` / ``best``, each a sampler, step count,
+  guidance interval and compute dtype, measured against the 28-step Euler reference
+  (``docs/benchmarks.md``); :func:`quality_preset` resolves a name.
 * :func:`sample`: the loop. ``start_step`` > 0 (or :func:`start_step_for_strength`) with
   ``image_latents`` is img2img: the clean latents are noised to the start timestep with the
   scheduler's own method (``scale_noise`` for flow matching, ``add_noise`` otherwise). A
@@ -33,9 +42,13 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       UniPCMultistepScheduler)
 
 from pixgen.errors import InputError, PixgenError
 
@@ -49,10 +62,113 @@ __all__ = [
     "SamplingCancelled",
     "StepCallback",
     "CONTROLNET_CFG",
+    "SAMPLERS",
+    "make_scheduler",
+    "QualityPreset",
+    "QUALITY_PRESETS",
+    "DEFAULT_QUALITY",
+    "quality_preset",
+    "in_guidance_interval",
 ]
 
 # Which CFG half gets the ControlNet residuals (see the module docstring).
 CONTROLNET_CFG = ("both", "cond")
+
+
+# Sampler names; each maps to a diffusers scheduler (see make_scheduler). Heun makes 2 model
+# calls per step but the last; the multistep solvers (DPM-Solver++ 2M, UniPC) make one.
+SAMPLERS = ("euler", "heun", "dpm++2m", "unipc")
+# PixCell's DPM-Solver++ over linear betas: the epsilon models' schedule (pixgen.pipeline.default_scheduler).
+_EPSILON_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
+
+
+def make_scheduler(sampler: str = "euler", prediction_type: str = "flow", shift: float = 1.0):
+    """The diffusers scheduler for ``sampler`` on a ``"flow"`` or ``"epsilon"`` model.
+
+    ``shift`` > 1 spends more steps at high noise (SD3's ``sigma' = s sigma / (1 + (s - 1) sigma)``).
+    Flow models: Euler and Heun are diffusers' flow-matching schedulers; DPM-Solver++ (2M) and
+    UniPC run in their flow mode (``use_flow_sigmas``, ``prediction_type="flow_prediction"``).
+    Epsilon models (PixCell): ``dpm++2m`` and ``unipc`` over linear betas.
+
+    Example:
+        >>> type(make_scheduler("dpm++2m")).__name__
+        'DPMSolverMultistepScheduler'
+        >>> make_scheduler("heun").order
+        2
+    """
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}", fix=f"use one of {', '.join(SAMPLERS)}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise InputError(f"shift must be a positive number, got {shift}", fix="use 1 (no shift) or e.g. 3")
+    if prediction_type == "flow":
+        flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
+        return {
+            "euler": lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+            "heun": lambda: FlowMatchHeunDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+            "dpm++2m": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **flow),
+            "unipc": lambda: UniPCMultistepScheduler(solver_order=2, **flow),
+        }[sampler]()
+    if sampler == "dpm++2m":
+        return DPMSolverMultistepScheduler(**_EPSILON_BETAS, algorithm_type="dpmsolver++", solver_order=2)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(**_EPSILON_BETAS, solver_order=2)
+    raise InputError(f"sampler {sampler!r} is for flow-matching models; this one predicts {prediction_type}",
+                     fix="use dpm++2m or unipc")
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    """Named sampling settings (see :data:`QUALITY_PRESETS`).
+
+    ``guidance_interval``: the noise levels ``t / T`` where CFG applies (None: every step).
+    ``dtype``: the compute dtype of transformer and decoder (``"bfloat16"`` is used only where the
+    device runs it natively: CUDA, or a CPU with AVX512-BF16 / AMX; float32 otherwise).
+    """
+
+    sampler: str
+    num_inference_steps: int
+    guidance_interval: tuple[float, float] | None = None
+    dtype: str = "float32"
+    shift: float = 1.0
+
+
+# Flow-matching models only (epsilon models keep their DPM-Solver++ 20 steps). Chosen from the
+# quality-vs-steps curve of the bundled model (docs/benchmarks.md): `fast` is the fewest steps whose
+# FD with both detectors stays inside the bootstrap interval of 28-step Euler with CFG, `balanced`
+# (the default) the fewest whose FD reaches the reference's own value, `best` the reference itself.
+# bfloat16 measured at the reference's FD; the guidance interval [0, 0.7] saved 3 of 16 rows at a
+# consistently worse CNN FD, so no preset uses it.
+QUALITY_PRESETS: dict[str, QualityPreset] = {
+    "best": QualityPreset("euler", 28, None, "bfloat16"),
+    "balanced": QualityPreset("dpm++2m", 12, None, "bfloat16"),
+    "fast": QualityPreset("dpm++2m", 8, None, "bfloat16"),
+}
+DEFAULT_QUALITY = "balanced"
+
+
+def quality_preset(name: str) -> QualityPreset:
+    """The settings of a named quality preset.
+
+    Example:
+        >>> quality_preset("best").sampler
+        'euler'
+    """
+    if name not in QUALITY_PRESETS:
+        raise InputError(f"unknown quality {name!r}", fix=f"use one of {', '.join(QUALITY_PRESETS)}")
+    return QUALITY_PRESETS[name]
+
+
+def in_guidance_interval(timestep: torch.Tensor, num_train_timesteps: int, interval: tuple[float, float] | None) -> bool:
+    """Whether CFG applies at ``timestep``: its noise level ``t / T`` lies in ``interval`` (None: always).
+
+    Example:
+        >>> in_guidance_interval(torch.tensor(900.0), 1000, (0.0, 0.7))
+        False
+    """
+    if interval is None:
+        return True
+    level = float(timestep) / num_train_timesteps
+    return interval[0] <= level <= interval[1]
 
 
 class StepCallback(Protocol):
@@ -209,6 +325,7 @@ def sample(
     controlnet_cfg: str = "both",
     callback: StepCallback | Callable[..., Any] | None = None,
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` (B, C, H, W, any H and W the denoiser's patch size divides) into clean latents.
 
@@ -227,6 +344,8 @@ def sample(
             :func:`guided_prediction` call per step (then ``cond`` and the ControlNet arguments are
             not used): large images run guided predictions per overlapping window and return the
             prediction of the averaged x0 (:mod:`pixgen.large`).
+        guidance_interval: ``(lo, hi)`` noise levels ``t / T`` where CFG applies; elsewhere the
+            conditional rows run alone (guidance 1). None: CFG at every step.
 
     Raises :class:`SamplingCancelled` when the callback returns ``False``.
 
@@ -242,8 +361,13 @@ def sample(
     if start_step > 0 and image_latents is None:
         raise InputError("a start step > 0 (strength < 1) needs image_latents to start from",
                          fix="pass the clean latents (or an image) to noise to the start step")
+    if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
+        raise InputError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}",
+                         fix="pass noise levels t/T, e.g. (0.0, 0.7)")
     device = next(denoiser.parameters()).device
-    scheduler.set_timesteps(steps, device=device)
+    with warnings.catch_warnings():  # diffusers' DPM-Solver++ passes a tensor to np.array: numpy 2's deprecation, not ours
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+        scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps[start_step * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start_step * scheduler.order)
@@ -255,7 +379,8 @@ def sample(
         if predict is not None:
             pred = predict(model_in, t)
         else:
-            pred = guided_prediction(denoiser, model_in, t, cond, guidance, controlnet=controlnet, control=control,
+            w = guidance if in_guidance_interval(t, scheduler.config.num_train_timesteps, guidance_interval) else 1.0
+            pred = guided_prediction(denoiser, model_in, t, cond, w, controlnet=controlnet, control=control,
                                      controlnet_conditioning_scale=controlnet_conditioning_scale,
                                      controlnet_cfg=controlnet_cfg)
         x0 = predicted_x0(scheduler, prediction_type, x, pred, t) if callback is not None else None

@@ -29,7 +29,7 @@ def test_help_lists_library_commands(capsys):
 
 def test_generate_writes_pngs_contact_sheet_and_manifest(model_dir, tmp_path):
     out = tmp_path / "out"
-    assert main(["generate", "--model", str(model_dir), "--n", "4", "--out", str(out), "--seed", "7"]) == 0
+    assert main(["generate", "--model", str(model_dir), "--n", "4", "--out", str(out), "--seed", "7", "--steps", "3"]) == 0
     pngs = sorted(out.glob("0*.png"))
     assert [p.name for p in pngs] == ["0000.png", "0001.png", "0002.png", "0003.png"]
     manifest = json.loads((out / "manifest.json").read_text())

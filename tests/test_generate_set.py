@@ -37,7 +37,7 @@ def test_manifest_names_model_by_content_sampler_and_references(model_dir, tmp_p
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(ref)
     out = tmp_path / "out"
     assert main(["generate", "--model", str(model_dir), "--reference", str(ref), "--n", "3", "--seed", "7",
-                 "--batch-size", "2", "--out", str(out)]) == 0
+                 "--batch-size", "2", "--steps", "3", "--out", str(out)]) == 0
     m = SetManifest.load(out)
     assert m.complete and [e.file for e in m.files] == ["0000.png", "0001.png", "0002.png"]
     assert [e.seed for e in m.files] == [7, 8, 9]
