@@ -46,7 +46,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--mask-model", help="mask ControlNet folder (default: the bundled pixgen-masks)")
     # names checked at run time (pixgen.sampling.QUALITY_PRESETS / SAMPLERS): building the parser imports no torch
     gen.add_argument("--quality", help="fast, balanced or best: a flow-matching model's measured sampler, steps, "
-                     "guidance interval and dtype (docs/benchmarks.md; default balanced); other models keep their own")
+                     "guidance interval and dtype (docs/benchmarks.md; default balanced, but the model's own sampler for "
+                     "--mask / --sample-masks sets); other models keep their own")
     gen.add_argument("--sampler", help="euler, heun, dpm++2m or unipc, replacing the preset's (or the model's) solver")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the preset's, or the model's)")
     gen.add_argument("--guidance", type=float, help="CFG scale w, pred = uncond + w(cond-uncond); 1 = off")
@@ -110,7 +111,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device,
         dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
     )
-    _apply_quality(gen, args)
+    gen.use_sampling(args.quality, args.sampler)
     masks = [np.array(load_image(p).convert("L")) for p in args.control_image] if args.control_image else None
     embeddings = _load_embeddings(args.embeddings)
     # each batch is written as it finishes: a refused request leaves nothing behind, a set broken
@@ -135,31 +136,11 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_quality(gen, args: argparse.Namespace) -> None:
-    """``--quality`` / ``--sampler``: a flow-matching model samples with the preset (default
-    ``DEFAULT_QUALITY``), its sampler replaced by ``--sampler``; another model (PixCell, epsilon)
-    keeps its own sampler unless ``--sampler`` names one (``--quality`` is refused there)."""
-    from dataclasses import replace
-
-    from pixgen.sampling import DEFAULT_QUALITY, make_scheduler, quality_preset
-
-    prediction = gen.transformer.config.prediction_type
-    if prediction != "flow" and args.quality is None:
-        if args.sampler:
-            gen.scheduler = make_scheduler(args.sampler, prediction)
-        return
-    preset = quality_preset(args.quality or DEFAULT_QUALITY)
-    gen.set_quality(replace(preset, sampler=args.sampler) if args.sampler else args.quality or DEFAULT_QUALITY)
-
-
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Refuse bad numbers and devices before anything is loaded or written."""
-    from pixgen.sampling import SAMPLERS, check_sampling_args, quality_preset
+    from pixgen.sampling import check_sampling_args, check_sampling_choice
 
-    if args.quality is not None:
-        quality_preset(args.quality)
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {args.sampler!r}", fix=f"use one of {', '.join(SAMPLERS)}")
+    check_sampling_choice(args.quality, args.sampler)
     for name in ("n", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",

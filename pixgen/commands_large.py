@@ -44,7 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cells-per-pixel", type=int, default=1, help="label map: model windows per map pixel (per side)")
     p.add_argument("--period", type=int, default=4, help="--label: windows between independent draws (slerp between)")
     p.add_argument("--overlap", type=int, help="window overlap in latents (default: a quarter of the window; 0 = naive tiling)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--quality", help="fast, balanced or best: a measured sampler preset (docs/benchmarks.md; "
+                   "default: the model's own sampler, as the seam measurements in docs/large-images.md)")
+    p.add_argument("--sampler", help="euler, heun, dpm++2m or unipc, replacing the preset's (or the model's) solver")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the preset's, or the model's)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward (memory only)")
@@ -132,6 +135,9 @@ def run_large(args: argparse.Namespace) -> int:
     from pixgen.large import generate_large
     from pixgen.pipeline import Generator
 
+    from pixgen.sampling import check_sampling_choice
+
+    check_sampling_choice(args.quality, args.sampler)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError(f"{out} exists", fix="pass --overwrite, or choose another --out")
@@ -139,6 +145,8 @@ def run_large(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _check_default_model(args.model)
     gen = Generator.from_pretrained(args.model, device=args.device)
+    if args.quality or args.sampler:
+        gen.use_sampling(args.quality, args.sampler)
     t0 = time.perf_counter()
     layout, real, size = _layout(args, gen)
     height, width = size or layout.size

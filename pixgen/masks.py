@@ -420,6 +420,8 @@ def run_mask_generate(args: Any, set_manifest: Any) -> int:
     gen = Generator.from_pretrained(args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path,
                                     device=args.device, dtype=getattr(torch, args.dtype),
                                     trust_remote_code=args.trust_remote_code)
+    if args.quality or args.sampler:  # only when asked: adherence (docs/masks.md) is measured with the model's sampler
+        gen.use_sampling(args.quality, args.sampler)
     if args.mask_model or gen.controlnet is None:
         attach_mask_model(gen, args.mask_model or BUNDLED_MASK_MODEL)
     if args.mask:

@@ -34,7 +34,7 @@ import copy
 import json
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -56,7 +56,7 @@ from pixgen.models.autoencoders import Autoencoder, load_autoencoder
 from pixgen.models.controlnet import PixgenControlNet, per_image
 from pixgen.models.transformer import PixgenTransformer
 from pixgen.prior import PRIOR_DIR, EmbeddingPrior
-from pixgen.sampling import (QualityPreset, StepCallback, check_sampling_args, make_scheduler, quality_preset, sample,
+from pixgen.sampling import (DEFAULT_QUALITY, QualityPreset, StepCallback, check_sampling_args, make_scheduler, quality_preset, sample,
                              start_step_for_strength)
 
 __all__ = ["Generator", "GenerationOutput", "default_scheduler", "SCHEDULERS"]
@@ -227,6 +227,24 @@ class Generator:
                            guidance_interval=list(preset.guidance_interval) if preset.guidance_interval else None,
                            quality=quality if isinstance(quality, str) else None)
         return self
+
+    def use_sampling(self, quality: str | None = None, sampler: str | None = None) -> Generator:
+        """The commands' sampling choice: a flow-matching model samples with ``quality`` (default
+        :data:`~pixgen.sampling.DEFAULT_QUALITY`), its solver replaced by ``sampler``; another model
+        (PixCell, epsilon) keeps its own sampler unless ``sampler`` names one (``quality`` is refused
+        there by :meth:`set_quality`); returns ``self``.
+
+        Example:
+            >>> gen.use_sampling("fast", "unipc").config["num_inference_steps"]  # doctest: +SKIP
+            8
+        """
+        prediction = self.transformer.config.prediction_type
+        if prediction != "flow" and quality is None:
+            if sampler:
+                self.scheduler = make_scheduler(sampler, prediction)
+            return self
+        preset = quality_preset(quality or DEFAULT_QUALITY)
+        return self.set_quality(replace(preset, sampler=sampler) if sampler else quality or DEFAULT_QUALITY)
 
     def locate(self, root: str | Path | None, *, encoder_path: str | Path | None = None,
                token: str | None = None, trust_remote_code: bool = False) -> Generator:

@@ -158,6 +158,18 @@ def quality_preset(name: str) -> QualityPreset:
     return QUALITY_PRESETS[name]
 
 
+def check_sampling_choice(quality: str | None, sampler: str | None) -> None:
+    """Refuse an unknown ``--quality`` / ``--sampler`` name before anything loads.
+
+    Example:
+        >>> check_sampling_choice("fast", "unipc")
+    """
+    if quality is not None:
+        quality_preset(quality)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}", fix=f"use one of {', '.join(SAMPLERS)}")
+
+
 def in_guidance_interval(timestep: torch.Tensor, num_train_timesteps: int, interval: tuple[float, float] | None) -> bool:
     """Whether CFG applies at ``timestep``: its noise level ``t / T`` lies in ``interval`` (None: always).
 

@@ -7,6 +7,8 @@ sampler settings, the output layout and a seed::
     model = "bundled"                    # or a model folder (relative to the spec) / hub id
 
     [sampler]
+    quality = "balanced"                 # optional: fast, balanced or best (docs/benchmarks.md);
+                                         # sampler = "dpm++2m" replaces its solver; absent: the model's
     steps = 12
     guidance = 2.0
     batch_size = 8                       # images per forward; part of the set's identity
@@ -74,7 +76,7 @@ LAYOUTS = ("imagefolder", "segmentation")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOP_KEYS = {"seed", "model", "mask_model", "sampler", "output", "classes"}
 _CLASS_KEYS = {"count", "from_bank", *CONDITION_KINDS}
-_SAMPLER_KEYS = {"steps", "guidance", "batch_size", "device", "dtype"}
+_SAMPLER_KEYS = {"quality", "sampler", "steps", "guidance", "batch_size", "device", "dtype"}
 _OUTPUT_KEYS = {"layout"}
 MAX_ATTEMPTS = 4  # --reject-near-copies: regenerations per image before it is kept and reported
 
@@ -109,8 +111,10 @@ class ClassSpec:
 
 @dataclass
 class SamplerSpec:
-    """Sampler settings; ``steps`` / ``guidance`` None mean the model's defaults."""
+    """Sampler settings; ``quality`` / ``sampler`` / ``steps`` / ``guidance`` None mean the model's own."""
 
+    quality: str | None = None
+    sampler: str | None = None
     steps: int | None = None
     guidance: float | None = None
     batch_size: int = 8
@@ -219,12 +223,20 @@ def parse_spec(text: str, source: str = "spec", root: str | Path = ".") -> Synth
             raise ck.fail([name], "must be a table", fix=f"write [{name}]")
         ck.unknown(table, allowed, [name])
     sampler = SamplerSpec(
+        quality=ck.typed(sampler_t, "quality", str, ["sampler"]),
+        sampler=ck.typed(sampler_t, "sampler", str, ["sampler"]),
         steps=ck.typed(sampler_t, "steps", int, ["sampler"]),
         guidance=ck.typed(sampler_t, "guidance", (int, float), ["sampler"]),
         batch_size=ck.typed(sampler_t, "batch_size", int, ["sampler"], 8),
         device=ck.typed(sampler_t, "device", str, ["sampler"], "cpu"),
         dtype=ck.typed(sampler_t, "dtype", str, ["sampler"], "float32"),
     )
+    from pixgen.sampling import QUALITY_PRESETS, SAMPLERS  # torch: only once a spec is read
+
+    if sampler.quality is not None and sampler.quality not in QUALITY_PRESETS:
+        raise ck.fail(["sampler", "quality"], f"unknown quality {sampler.quality!r}", fix=f"use {', '.join(QUALITY_PRESETS)}")
+    if sampler.sampler is not None and sampler.sampler not in SAMPLERS:
+        raise ck.fail(["sampler", "sampler"], f"unknown sampler {sampler.sampler!r}", fix=f"use {', '.join(SAMPLERS)}")
     if sampler.steps is not None and sampler.steps < 1:
         raise ck.fail(["sampler", "steps"], f"must be >= 1, got {sampler.steps}")
     if sampler.guidance is not None and not math.isfinite(sampler.guidance):
@@ -486,6 +498,8 @@ def _load_model(spec: SynthSpec, device: str | None = None) -> tuple[Generator, 
     name = str(local) if local.exists() else name
     _check_default_model(name)
     gen = Generator.from_pretrained(name, device=device or spec.sampler.device, dtype=getattr(torch, spec.sampler.dtype))
+    if spec.sampler.quality or spec.sampler.sampler:
+        gen.use_sampling(spec.sampler.quality, spec.sampler.sampler)
     return gen, name, gen.source
 
 

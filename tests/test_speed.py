@@ -163,3 +163,14 @@ def test_generate_quality_flag_sets_the_sampler_recorded_in_the_manifest(flags, 
 def test_generate_refuses_an_unknown_quality_before_loading(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "none"), "--quality", "ultra", "--out", str(tmp_path / "o")]) == 1
     assert "unknown quality" in capsys.readouterr().err
+
+
+def test_large_takes_a_quality_preset_and_refuses_unknown_names_before_loading(tmp_path, shared_data, capsys, one_thread):
+    model = save_tiny_model(tmp_path / "m")
+    slide = shared_data / "slides" / "cmu-1-small-region.svs"
+    base = ["large", "--model", str(model), "--from-slide", str(slide), "--region", "0,0,64,64", "--tile", "16"]
+    assert main([*base, "--quality", "fast", "--out", str(tmp_path / "a.ome.tiff")]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["steps"] == QUALITY_PRESETS["fast"].num_inference_steps  # the preset's, not the model's
+    assert main([*base, "--sampler", "ddim", "--out", str(tmp_path / "b.ome.tiff")]) == 1
+    assert "unknown sampler" in capsys.readouterr().err and not (tmp_path / "b.ome.tiff").exists()

@@ -73,6 +73,8 @@ def test_spec_parses_into_dataclasses(tmp_path):
     ('[classes."../x"]\ncount = 2\nlabel = "x"\n', "not a safe folder name"),
     ('seed = 1\nseed = 2\n', "not valid TOML"),
     ('model = "m"\n', "classes: no classes"),
+    ('[sampler]\nquality = "fastest"\n[classes.a]\ncount = 2\nlabel = "x"\n', "line 2: sampler.quality: unknown quality"),
+    ('[sampler]\nsampler = "ddim"\n[classes.a]\ncount = 2\nlabel = "x"\n', "line 2: sampler.sampler: unknown sampler"),
 ])
 def test_spec_errors_name_the_key(text, needle):
     with pytest.raises(InputError, match=None) as err:
@@ -118,6 +120,19 @@ def test_set_layout_manifest_and_records(tmp_path, model):
     from pixgen.io import load_rgb
 
     assert np.array_equal(load_rgb(tmp_path / "b/tumour/0001.png"), load_rgb(out / "tumour/0001.png"))
+
+
+def test_quality_preset_sets_the_sampler_and_is_recorded(tmp_path, model):
+    from pixgen.sampling import quality_preset
+
+    path = tmp_path / "q.toml"
+    path.write_text(f'model = "{model}"\n[sampler]\nquality = "fast"\n[classes.tumour]\ncount = 2\nlabel = "tumour"\n')
+    m = build_set(load_spec(path), tmp_path / "out", progress=False)
+    preset = quality_preset("fast")
+    assert m.sampler.steps == preset.num_inference_steps and m.sampler.scheduler == "DPMSolverMultistepScheduler"
+    plain = build_set(load_spec(_spec(tmp_path, model, counts=(2, 0), steps=preset.num_inference_steps, name="p.toml")),
+                      tmp_path / "plain", progress=False)
+    assert plain.sampler.scheduler != m.sampler.scheduler  # without the key: the model's own sampler
 
 
 def test_rerun_skips_finished_images_and_refills_missing_ones(tmp_path, model):
