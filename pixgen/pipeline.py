@@ -310,6 +310,13 @@ class Generator:
         return self.dtype
 
     @property
+    def labels(self) -> list[str]:
+        """The labels ``label=`` accepts: the prior's, or the embedding bank's when there is no prior."""
+        if self.prior is not None:
+            return sorted(self.prior.labels)
+        return self.embedding_bank.labels if self.embedding_bank is not None else []
+
+    @property
     def source(self) -> Path | None:
         """The folder the model was loaded from (None for a model built in memory)."""
         return self._root

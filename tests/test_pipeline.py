@@ -222,3 +222,13 @@ def test_bank_refuses_empty_and_nan():
         EmbeddingBank({}, encoder=None)
     with pytest.raises(InputError, match="NaN"):
         EmbeddingBank({"a": torch.full((2, 1, 4), float("nan"))}, encoder=None)
+
+
+def test_labels_are_the_priors_or_else_the_banks():
+    from pixgen.commands import DEFAULT_MODEL
+
+    gen = tiny_generator(bank=True)
+    assert gen.labels == gen.embedding_bank.labels and gen.labels
+    assert tiny_generator(bank=False).labels == []
+    bundled = Generator.from_pretrained(DEFAULT_MODEL)
+    assert bundled.labels == sorted(bundled.prior.labels) == ["consep", "lung_aca", "lung_n", "lung_scc", "monuseg"]

@@ -53,7 +53,7 @@ def run(preview: bool) -> None:
 with core.shown_errors():
     source, token = core.model_picker()
     gen = core.load_generator(source, token)
-    labels = set(gen.prior.labels if gen.prior is not None else (gen.embedding_bank.entries if gen.embedding_bank else []))
+    labels = set(gen.labels)
     text = st.text_input("Labelled folder (class sub-folders, under the data root)", "lc25000-lung", key="aug_folder")
     classes = jobs.class_folders(core.under_root(text))
     plan = {}

@@ -13,7 +13,7 @@ core.cancelled_notice()
 with core.shown_errors():
     source, token = core.model_picker()
     gen = core.load_generator(source, token)
-    labels = sorted(gen.prior.labels if gen.prior is not None else (gen.embedding_bank.entries if gen.embedding_bank else []))
+    labels = gen.labels
     kind = st.radio("Condition", ["label", "reference images", "prompt", "embeddings file"], horizontal=True,
                     key="gen_kind")
     argv = ["generate", "--model", core.model_path(source)]

@@ -15,7 +15,7 @@ core.cancelled_notice()
 with core.shown_errors():
     source, token = core.model_picker()
     gen = core.load_generator(source, token)
-    labels = sorted(gen.prior.labels if gen.prior is not None else (gen.embedding_bank.entries if gen.embedding_bank else []))
+    labels = gen.labels
     how = st.radio("Layout", ["a label", "a slide region", "a painted class map"], horizontal=True, key="large_how")
     argv = ["large", "--model", core.model_path(source)]
     if how == "a label":

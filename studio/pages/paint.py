@@ -44,7 +44,7 @@ with core.shown_errors():
         count = c2.number_input("Layouts", 1, 16, 1, key="paint_layouts")
         sampler = MaskSampler.from_json(BUNDLED_MASK_MODEL / "mask_stats.json", tissue)
         layouts = [sampler.sample(int(st.session_state.get("paint_seed", 0)) + i) for i in range(count)]
-    labels = sorted(gen.prior.labels if gen.prior is not None else (gen.embedding_bank.entries if gen.embedding_bank else []))
+    labels = gen.labels
     c1, c2, c3, c4, c5 = st.columns(5)
     label = c1.selectbox("Tissue label", labels, index=labels.index("consep") if "consep" in labels else 0)
     n = c2.number_input("Images per layout", 1, 16, 1, key="paint_n")
