@@ -21,6 +21,8 @@ sampler settings, the output layout and a seed::
     label = "lung_aca"                   # or reference = "refs/aca/", embeddings = "e.safetensors",
                                          # prompt = "...", masks = "masks/" or "sampled:consep"
                                          # (masks may come with a label; layout "segmentation")
+                                         # a reference class may add strength = 0.5: img2img from
+                                         # the reference (distance from the originals; 1 = from noise)
 
 Determinism: image ``i`` of class ``c`` has the seed :func:`image_seed` ``(seed, c, i)``, and
 the images are generated in fixed batches (``batch_size`` consecutive images of one class), so
@@ -75,7 +77,7 @@ CONDITION_KINDS = ("label", "reference", "embeddings", "prompt", "masks")
 LAYOUTS = ("imagefolder", "segmentation")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOP_KEYS = {"seed", "model", "mask_model", "sampler", "output", "classes"}
-_CLASS_KEYS = {"count", "from_bank", *CONDITION_KINDS}
+_CLASS_KEYS = {"count", "from_bank", "strength", *CONDITION_KINDS}
 _SAMPLER_KEYS = {"quality", "sampler", "steps", "guidance", "batch_size", "device", "dtype"}
 _OUTPUT_KEYS = {"layout"}
 MAX_ATTEMPTS = 4  # --reject-near-copies: regenerations per image before it is kept and reported
@@ -97,6 +99,7 @@ class ClassSpec:
     prompt: str | None = None
     masks: str | None = None
     from_bank: bool = False  # a label's embeddings from the bank, not the model's prior
+    strength: float | None = None  # a reference class: img2img from the reference itself (1 or None: from noise)
 
     @property
     def kind(self) -> str:
@@ -286,7 +289,13 @@ def _parse_class(ck: _Checker, name: str, table: Any) -> ClassSpec:
     from_bank = ck.typed(table, "from_bank", bool, keys, False)
     if from_bank and given[0] != "label":
         raise ck.fail([*keys, "from_bank"], "only applies to a label", fix="remove it, or use label = \"...\"")
-    return ClassSpec(name=name, count=count, from_bank=from_bank, **{k: table[k] for k in given})
+    strength = ck.typed(table, "strength", (int, float), keys)
+    if strength is not None and given[0] != "reference":
+        raise ck.fail([*keys, "strength"], "only applies to a reference class", fix="remove it, or use reference = \"DIR\"")
+    if strength is not None and not 0 < strength <= 1:
+        raise ck.fail([*keys, "strength"], f"must be in (0, 1], got {strength}", fix="e.g. 0.5: half the trajectory from the reference")
+    return ClassSpec(name=name, count=count, from_bank=from_bank, strength=None if strength is None else float(strength),
+                     **{k: table[k] for k in given})
 
 
 def load_spec(path: str | Path) -> SynthSpec:
@@ -381,6 +390,7 @@ class _ClassConditions:
         self.ids: list[str] = []
         self.hashes: dict[str, str] = {}
         self.masks: _MaskSource | None = None
+        self.files: list[Path] = []
         where = f"{spec.source}: classes.{c.name}.{c.kind}"
         if c.kind == "prompt" and gen.prior is None:
             raise InputError(f"{where}: prompt conditions are not available in this model (it has no text prior)",
@@ -408,6 +418,7 @@ class _ClassConditions:
             if not files:
                 raise InputError(f"{where}: no images in {folder}", fix="give a folder of reference tiles")
             self.fixed = gen.embed_references(files)
+            self.files = files
             self.ids = [str(f.relative_to(folder)) for f in files]
             self.hashes = {i: sha256_file(f) for i, f in zip(self.ids, files)}
         else:
@@ -662,9 +673,11 @@ def _sample(spec: SynthSpec, gen: Generator, cond: _ClassConditions, indices: li
     shape = gen._latent_shape(None, None)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     control = None if cond.masks is None else [cond.masks.layout(i) for i in indices]  # one per image of this batch
+    strength = cond.c.strength or 1.0
+    start = [cond.files[i % len(cond.files)] for i in indices] if strength < 1 else None  # img2img from image i's reference
     result = gen.generate(RawEmbeddings(tokens), num_images=1, latents=noise, batch_size=len(indices), control_image=control,
-                          num_inference_steps=spec.sampler.steps, guidance_scale=spec.sampler.guidance,
-                          output_type="pil", progress=False)
+                          image=start, strength=strength, num_inference_steps=spec.sampler.steps,
+                          guidance_scale=spec.sampler.guidance, output_type="pil", progress=False)
     return result.images, records
 
 

@@ -73,6 +73,8 @@ def test_spec_parses_into_dataclasses(tmp_path):
     ('[classes."../x"]\ncount = 2\nlabel = "x"\n', "not a safe folder name"),
     ('seed = 1\nseed = 2\n', "not valid TOML"),
     ('model = "m"\n', "classes: no classes"),
+    ('[classes.a]\ncount = 2\nlabel = "x"\nstrength = 0.5\n', "classes.a.strength: only applies to a reference class"),
+    ('[classes.a]\ncount = 2\nreference = "r"\nstrength = 0\n', "line 4: classes.a.strength: must be in (0, 1], got 0"),
     ('[sampler]\nquality = "fastest"\n[classes.a]\ncount = 2\nlabel = "x"\n', "line 2: sampler.quality: unknown quality"),
     ('[sampler]\nsampler = "ddim"\n[classes.a]\ncount = 2\nlabel = "x"\n', "line 2: sampler.sampler: unknown sampler"),
 ])
@@ -165,6 +167,36 @@ def test_reference_and_embeddings_classes(tmp_path, model):
     assert [e.condition.id for e in m.files[:3]] == ["r0.png", "r1.png", "r0.png"]
     assert m.files[0].condition.reference_sha256 and m.files[0].condition.kind == "reference"
     assert [e.condition.id for e in m.files[3:]] == [f"e.safetensors[{i}]" for i in (0, 1, 2, 0)]
+
+
+def test_reference_strength_starts_from_the_reference(tmp_path, model):
+    """strength < 1: img2img from each image's own reference; a small strength stays near its
+    start (the reference through the autoencoder), strength 1 (the default) does not."""
+    from PIL import Image
+
+    from pixgen.io import load_rgb
+    from pixgen.pipeline import Generator
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(refs / f"r{k}.png")
+    sets = {}
+    for strength in (0.1, None):
+        path = tmp_path / f"s{strength}.toml"
+        extra = "" if strength is None else f"strength = {strength}\n"
+        path.write_text(f'model = "{model}"\n[sampler]\nsteps = 10\n[classes.ref]\ncount = 2\nreference = "refs"\n{extra}')
+        m = build_set(load_spec(path), tmp_path / f"out{strength}", progress=False)
+        sets[strength] = [load_rgb(tmp_path / f"out{strength}" / e.file).astype(float) for e in m.files]
+    gen = Generator.from_pretrained(model)
+    pixels = torch.from_numpy(np.stack([load_rgb(refs / f"r{k}.png") for k in range(2)])).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        start = gen.vae.decode(gen.vae.encode(pixels / 127.5 - 1))
+    start = ((start.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    near = [np.abs(a - b).mean() for a, b in zip(sets[0.1], start)]
+    far = [np.abs(a - b).mean() for a, b in zip(sets[None], start)]
+    assert max(near) < min(far)
 
 
 # ---------------------------------------------------------------------------------------------
