@@ -374,6 +374,20 @@ def plan_batches(spec: SynthSpec) -> list[Batch]:
 # ---------------------------------------------------------------------------------------------
 # Conditions per class
 # ---------------------------------------------------------------------------------------------
+def _check_start_sizes(files: Sequence[Path], gen: Generator, where: str) -> None:
+    """img2img starts from the reference itself, so each must be a tile of the model's output size."""
+    from PIL import Image
+
+    f = gen.vae.downsample_factor
+    _, h, w = gen._latent_shape(None, None)
+    for path in files:
+        with Image.open(path) as im:
+            if im.size != (w * f, h * f):
+                raise InputError(f"{where}: {path.name} is {im.size[0]}x{im.size[1]} px; with strength < 1 each "
+                                 f"reference is the start image and must be the output size {w * f}x{h * f}",
+                                 fix="cut tiles at the model's size and mpp (pixgen tile), or drop strength")
+
+
 class _ClassConditions:
     """Condition tokens and records for one class: label or prompt -> a prior sample per image seed
     (a label: a bank draw instead when the model has no prior or the class says ``from_bank``);
@@ -417,6 +431,8 @@ class _ClassConditions:
             files = list_images(folder) if folder.is_dir() else []
             if not files:
                 raise InputError(f"{where}: no images in {folder}", fix="give a folder of reference tiles")
+            if c.strength is not None and c.strength < 1:
+                _check_start_sizes(files, gen, where)
             self.fixed = gen.embed_references(files)
             self.files = files
             self.ids = [str(f.relative_to(folder)) for f in files]

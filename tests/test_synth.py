@@ -197,6 +197,10 @@ def test_reference_strength_starts_from_the_reference(tmp_path, model):
     near = [np.abs(a - b).mean() for a, b in zip(sets[0.1], start)]
     far = [np.abs(a - b).mean() for a, b in zip(sets[None], start)]
     assert max(near) < min(far)
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(refs / "big.png")
+    with pytest.raises(InputError, match="big.png is 48x48 px; with strength < 1"):
+        build_set(load_spec(tmp_path / "s0.1.toml"), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------------------------------------
