@@ -244,7 +244,7 @@ def guided_prediction(
 
     Args:
         denoiser: a :class:`~pixgen.models.transformer.PixgenTransformer` (or anything with its
-            ``forward(x, t, tokens, drop_condition=, controlnet_block_samples=)``).
+            ``forward(x, t, tokens, drop_condition=, controlnet_block_samples=, controlnet_skip_samples=)``).
         cond: (B, T, D) condition tokens, one row per latent.
         guidance_scale: CFG ``w``; ``w == 1`` runs the conditional rows only.
         controlnet, control: optional ControlNet and its (B, C', H, W) control latents.
@@ -267,11 +267,11 @@ def guided_prediction(
     tokens = (torch.cat([cond, cond]) if use_cfg else cond).to(x.device, dtype)
     drop = torch.arange(x.shape[0], device=x.device) >= n if use_cfg else None  # rows n.. use the null tokens
     t = timestep.to(x.device).expand(x.shape[0])
-    residuals = None
+    residuals = {}
     if controlnet is not None and control is not None:
         residuals = _control_residuals(controlnet, x, t, tokens, drop, control.to(x.device, dtype),
                                        controlnet_conditioning_scale, use_cfg and controlnet_cfg == "cond")
-    out = denoiser(x, t, tokens, drop_condition=drop, controlnet_block_samples=residuals).sample.float()
+    out = denoiser(x, t, tokens, drop_condition=drop, **residuals).sample.float()
     out = out[:, : latents.shape[1]]  # the velocity / epsilon half; a learned variance is not used by the solvers
     if not use_cfg:
         return out
@@ -279,15 +279,17 @@ def guided_prediction(
     return uncond_pred + guidance_scale * (cond_pred - uncond_pred)
 
 
-def _control_residuals(controlnet, x, t, tokens, drop, control, scale: float, cond_half_only: bool) -> list[torch.Tensor]:
-    """Per-block ControlNet residuals for every row of ``x`` (zeros on the null half if ``cond_half_only``)."""
+def _control_residuals(controlnet, x, t, tokens, drop, control, scale: float,
+                       cond_half_only: bool) -> dict[str, list[torch.Tensor]]:
+    """The denoiser's ControlNet keyword arguments (per-block residuals, and per-skip ones for an
+    hourglass) for every row of ``x``, zeros on the null half if ``cond_half_only``."""
     if cond_half_only:
         n = control.shape[0]
-        res = controlnet(x[:n], t[:n], tokens[:n], control, conditioning_scale=scale).controlnet_block_samples
-        return [torch.cat([r, torch.zeros_like(r)]) for r in res]
+        res = controlnet(x[:n], t[:n], tokens[:n], control, conditioning_scale=scale).residuals()
+        return {k: [torch.cat([r, torch.zeros_like(r)]) for r in v] for k, v in res.items()}
     reps = x.shape[0] // control.shape[0]
     res = controlnet(x, t, tokens, control.repeat(reps, 1, 1, 1), conditioning_scale=scale, drop_condition=drop)
-    return list(res.controlnet_block_samples)
+    return res.residuals()
 
 
 def predicted_x0(scheduler, prediction_type: str, latents: torch.Tensor, pred: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

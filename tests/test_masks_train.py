@@ -34,11 +34,13 @@ def pixel_cache(tmp_path_factory, shared_data):
     return out
 
 
-def test_pixel_field_trains_a_mask_encoder_controlnet(pixel_cache, tmp_path):
+@pytest.mark.parametrize("base_model", [{}, {"model": "pixgen-tiny-H", "patch_size": 2}], ids=["plain", "hourglass"])
+def test_pixel_field_trains_a_mask_encoder_controlnet(pixel_cache, tmp_path, base_model):
     from pixgen.models.controlnet import PixgenControlNet
     from pixgen.pipeline import Generator
 
-    base_cfg = {"max_steps": 30, "lr": 1e-2, "batch_size": 6, "ema_decay": 0.0, "log_every": 30, "checkpoint_every": 30}
+    base_cfg = {"max_steps": 30, "lr": 1e-2, "batch_size": 6, "ema_decay": 0.0, "log_every": 30, "checkpoint_every": 30,
+                **base_model}
     base_dir = Trainer(apply_overrides(get_preset("tiny"), base_cfg), pixel_cache, tmp_path / "base").fit()
     cfg = apply_overrides(get_preset("tiny"), {"task": "controlnet", "init": str(base_dir), "max_steps": 30,
                                                "batch_size": 6, "lr": 3e-3, "ema_decay": 0.0, "cfg_dropout": 0.0,
@@ -58,6 +60,7 @@ def test_pixel_field_trains_a_mask_encoder_controlnet(pixel_cache, tmp_path):
     gen = Generator.from_pretrained(final)
     cn = gen.controlnet
     assert cn.mask_encoder is not None and cn.config.conditioning_channels == 6 and cn.config.conditioning_downsample == 4
+    assert (cn.conv_stages is not None) == bool(base_model)  # an hourglass base gets an hourglass ControlNet
     assert loss(cn.float()) < 0.95 * loss(fresh)
 
     from pixgen.masks import Layout

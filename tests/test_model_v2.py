@@ -89,8 +89,29 @@ def test_controlnet_residuals_reach_the_token_blocks():
     torch.testing.assert_close(model(x, t, y, controlnet_block_samples=zero).sample, model(x, t, y).sample)
     assert not torch.allclose(model(x, t, y, controlnet_block_samples=[torch.ones(2, 4, model.inner_dim)]).sample,
                               model(x, t, y).sample)
-    with pytest.raises(InputError, match="hourglass"):  # the ControlNet copies plain blocks only (for now)
-        PixgenControlNet.from_transformer(model)
+
+
+def test_hourglass_controlnet_starts_at_zero_then_steers_the_finest_skip(tmp_path):
+    base = hourglass()
+    x, t, y = _inputs()
+    masks = torch.rand(2, 6, 32, 32)  # pixel-grid control channels, 4x the 8x8 latents
+    cn = PixgenControlNet.from_transformer(base, num_layers=1, conditioning_channels=6, conditioning_downsample=4)
+    assert not hasattr(cn.conv_stages, "up_resnets") and cn.cond_pos_embed is None  # down half only, no token entry
+    torch.testing.assert_close(cn.conv_stages.conv_in.weight, base.conv_stages.conv_in.weight)  # copied from the base
+    out = cn(x, t, y, masks)
+    assert [r.shape for r in out.controlnet_skip_samples] == [(2, 16, 8, 8), (2, 32, 4, 4)]
+    torch.testing.assert_close(base(x, t, y, **out.residuals()).sample, base(x, t, y).sample)  # zero-initialised
+
+    with torch.no_grad():  # a trained entry conv + finest skip conv: the mask now changes the prediction
+        torch.nn.init.normal_(cn.cond_conv_in.weight, std=0.1)
+        torch.nn.init.normal_(cn.controlnet_skip_blocks[0].weight, std=0.1)
+        steered = base(x, t, y, **cn(x, t, y, masks).residuals()).sample
+        other = base(x, t, y, **cn(x, t, y, torch.zeros_like(masks)).residuals()).sample
+    assert not torch.allclose(steered, other)
+    cn.save_pretrained(tmp_path / "cn")
+    loaded = PixgenControlNet.from_pretrained(tmp_path / "cn").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base(x, t, y, **loaded(x, t, y, masks).residuals()).sample, steered)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -12,6 +12,12 @@ used by the forward pass, but PixCell stores them, so they are kept for strict l
 ``cond_pos_embed`` (patch embedding of the control latents, zero-initialised projection) and
 ``controlnet_blocks.i`` (zero-initialised linear layers).
 
+Over an hourglass base (``conv_channels``) the ControlNet also copies the down conv stages: the
+control input is added after their input convolution (through a zero-initialised ``cond_conv_in``)
+and each stage's skip gets a zero-initialised 1x1 convolution (``controlnet_skip_blocks.i``), whose
+output the base adds to its own skip. The finest skip runs at the latent grid (4 px per latent
+pixel), so the mask steers nuclear outlines directly, not only through the coarse tokens.
+
 Masks become control latents the way PixCell encodes them: a binary mask replicated to RGB,
 scaled to [-1, 1] and encoded by the VAE (posterior mean, SD3 scaling/shift), see
 :func:`mask_to_pixels`.
@@ -44,9 +50,18 @@ __all__ = ["PixgenControlNet", "ControlNetOutput", "mask_to_pixels", "per_image"
 
 @dataclass
 class ControlNetOutput(BaseOutput):
-    """``controlnet_block_samples``: one (B, N, D) residual per copied block, in block order."""
+    """``controlnet_block_samples``: one (B, N, D) residual per copied block, in block order;
+    ``controlnet_skip_samples``: hourglass only, one residual per conv-stage skip (finest first)."""
 
     controlnet_block_samples: tuple[torch.Tensor, ...]
+    controlnet_skip_samples: tuple[torch.Tensor, ...] = ()
+
+    def residuals(self) -> dict[str, list[torch.Tensor]]:
+        """The keyword arguments that hand these residuals to :meth:`PixgenTransformer.forward`."""
+        out = {"controlnet_block_samples": list(self.controlnet_block_samples)}
+        if self.controlnet_skip_samples:
+            out["controlnet_skip_samples"] = list(self.controlnet_skip_samples)
+        return out
 
 
 class PixgenControlNet(PixgenTransformer):
@@ -61,8 +76,11 @@ class PixgenControlNet(PixgenTransformer):
             > 1 (a power of 2, the VAE's factor): it is at the pixel grid (e.g. the 6 channels of
             :func:`pixgen.masks.encode_masks`) and a small conv ``mask_encoder`` brings it to the
             latent grid.
+        conv_channels, conv_layers, conv_groups: the hourglass base's (see the module docstring).
         Other arguments: as :class:`PixgenTransformer`.
     """
+
+    _conv_decoder = False
 
     @register_to_config
     def __init__(
@@ -87,6 +105,9 @@ class PixgenControlNet(PixgenTransformer):
         encoder_name: str | None = None,
         conditioning_channels: int | None = None,
         conditioning_downsample: int = 1,
+        conv_channels: tuple[int, ...] | None = None,
+        conv_layers: int = 1,
+        conv_groups: int = 32,
     ):
         super().__init__(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
@@ -95,7 +116,8 @@ class PixgenControlNet(PixgenTransformer):
             activation_fn=activation_fn, num_embeds_ada_norm=num_embeds_ada_norm, norm_eps=norm_eps,
             interpolation_scale=interpolation_scale, caption_channels=caption_channels,
             caption_num_tokens=caption_num_tokens, condition_pos_embed=condition_pos_embed,
-            prediction_type=prediction_type, encoder_name=encoder_name,
+            prediction_type=prediction_type, encoder_name=encoder_name, conv_channels=conv_channels,
+            conv_layers=conv_layers, conv_groups=conv_groups,
         )
         inner = self.inner_dim
         cond_in = conditioning_channels or in_channels
@@ -103,21 +125,26 @@ class PixgenControlNet(PixgenTransformer):
         if conditioning_downsample > 1:
             self.mask_encoder = _mask_encoder(cond_in, conditioning_downsample, MASK_FEATURES)
             cond_in = MASK_FEATURES
-        # Same patching (and fixed sin-cos table) as `pos_embed`; only the projection learns.
-        self.cond_pos_embed = PatchEmbed(
-            height=sample_size,
-            width=sample_size,
-            patch_size=patch_size,
-            in_channels=cond_in,
-            embed_dim=inner,
-            interpolation_scale=self.pos_embed.interpolation_scale,
-        )
+        self.cond_pos_embed = self.cond_conv_in = self.controlnet_skip_blocks = None
+        if conv_channels:
+            self.cond_conv_in = nn.Conv2d(cond_in, conv_channels[0], 3, padding=1)
+            self.controlnet_skip_blocks = nn.ModuleList(nn.Conv2d(c, c, 1) for c in conv_channels)
+        else:  # same patching (and fixed sin-cos table) as `pos_embed`; only the projection learns
+            self.cond_pos_embed = PatchEmbed(
+                height=sample_size,
+                width=sample_size,
+                patch_size=patch_size,
+                in_channels=cond_in,
+                embed_dim=inner,
+                interpolation_scale=self.pos_embed.interpolation_scale,
+            )
         self.controlnet_blocks = nn.ModuleList(nn.Linear(inner, inner) for _ in range(num_layers))
         self._zero_init_control()
 
     def _zero_init_control(self) -> None:
         """Zero the new projections: a fresh ControlNet leaves the base model's output unchanged."""
-        for module in (self.cond_pos_embed.proj, *self.controlnet_blocks):
+        entry = self.cond_conv_in if self.cond_conv_in is not None else self.cond_pos_embed.proj
+        for module in (entry, *self.controlnet_blocks, *(self.controlnet_skip_blocks or ())):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -133,11 +160,7 @@ class PixgenControlNet(PixgenTransformer):
         Example:
             >>> cn = PixgenControlNet.from_transformer(gen.transformer, num_layers=27)  # doctest: +SKIP
         """
-        if transformer.conv_stages is not None:
-            raise InputError("a ControlNet over an hourglass transformer (conv_channels) is not supported yet",
-                             fix="use a plain PixgenTransformer (no conv_channels) as the base")
-        # The hourglass fields are the base class's, not the ControlNet's (it has no conv stages).
-        config = {k: v for k, v in transformer.config.items() if not k.startswith(("_", "conv_"))}
+        config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
         depth = config["num_layers"] if num_layers is None else num_layers
         if not 1 <= depth <= config["num_layers"]:
             raise InputError(f"num_layers must be in 1..{config['num_layers']}, got {depth}")
@@ -146,7 +169,8 @@ class PixgenControlNet(PixgenTransformer):
         base_state = transformer.state_dict()
         own = controlnet.state_dict()
         copied = {k: v for k, v in base_state.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in copied and not k.startswith(("cond_pos_embed.", "controlnet_blocks.", "mask_encoder."))]
+        new = ("cond_pos_embed.", "cond_conv_in.", "controlnet_blocks.", "controlnet_skip_blocks.", "mask_encoder.")
+        missing = [k for k in own if k not in copied and not k.startswith(new)]
         if missing:
             raise ModelLoadError(f"cannot copy {missing[:3]} from the transformer", fix="use a PixgenTransformer base")
         controlnet.load_state_dict(copied, strict=False)
@@ -162,7 +186,7 @@ class PixgenControlNet(PixgenTransformer):
         conditioning_scale: float = 1.0,
         drop_condition: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> ControlNetOutput | tuple[tuple[torch.Tensor, ...]]:
+    ) -> ControlNetOutput | tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Per-block residuals for the base transformer.
 
         Args:
@@ -185,10 +209,16 @@ class PixgenControlNet(PixgenTransformer):
         batch = hidden_states.shape[0]
         cond = controlnet_cond.to(hidden_states.dtype)
         cond = self.mask_encoder(cond) if self.mask_encoder is not None else cond  # pixel -> latent grid
-        x = self.pos_embed(hidden_states) + self.cond_pos_embed(cond)  # (B, N, D)
         timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
-        t_mod, _ = self.adaln_single(timestep, batch_size=batch, hidden_dtype=x.dtype)  # (B, 6D)
-        y = self._project_condition(encoder_hidden_states, drop_condition, x.dtype)  # (B, T, D)
+        t_mod, t_emb = self.adaln_single(timestep, batch_size=batch, hidden_dtype=hidden_states.dtype)  # (B, 6D), (B, D)
+        y = self._project_condition(encoder_hidden_states, drop_condition, hidden_states.dtype)  # (B, T, D)
+        skip_residuals: tuple[torch.Tensor, ...] = ()
+        if self.conv_stages is not None:  # as the base: ResBlocks see the timestep and the pooled condition
+            feature_map, skips = self.conv_stages.down(hidden_states, t_emb + y.mean(dim=1), hint=self.cond_conv_in(cond))
+            skip_residuals = tuple(conv(s) * conditioning_scale for conv, s in zip(self.controlnet_skip_blocks, skips))
+            x = self.pos_embed(feature_map)
+        else:
+            x = self.pos_embed(hidden_states) + self.cond_pos_embed(cond)  # (B, N, D)
         residuals = []
         for block, zero_linear in zip(self.transformer_blocks, self.controlnet_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -196,8 +226,8 @@ class PixgenControlNet(PixgenTransformer):
             else:
                 x = block(x, encoder_hidden_states=y, timestep=t_mod)
             residuals.append(zero_linear(x) * conditioning_scale)  # (B, N, D)
-        out = tuple(residuals)
-        return ControlNetOutput(controlnet_block_samples=out) if return_dict else (out,)
+        out = ControlNetOutput(controlnet_block_samples=tuple(residuals), controlnet_skip_samples=skip_residuals)
+        return out if return_dict else (out.controlnet_block_samples, out.controlnet_skip_samples)
 
     def control_input(self, masks: Any, size: int | tuple[int, int], vae_encode) -> torch.Tensor:
         """Control input for ``masks`` at image ``size``: pixel-grid channels

@@ -117,11 +117,13 @@ class ConvStages(nn.Module):
     condition) on the way down, a skip to the same stage on the way up (concatenated, then
     ``layers`` ResBlocks), stride-2 convolutions / nearest-upsample + conv between stages.
     ``down`` returns the coarsest feature map (the transformer patchifies it) and the skips.
+    ``decoder=False`` builds the down half only (a ControlNet's copy needs no up stages).
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: tuple[int, ...], layers: int,
-                 temb_channels: int, groups: int = 32):
+                 temb_channels: int, groups: int = 32, decoder: bool = True):
         super().__init__()
+        self.decoder = decoder
 
         def resnet(cin: int, cout: int) -> ResnetBlock2D:
             return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb_channels, groups=groups,
@@ -131,6 +133,8 @@ class ConvStages(nn.Module):
         self.down_resnets = nn.ModuleList(nn.ModuleList(resnet(c, c) for _ in range(layers)) for c in channels)
         self.downsamplers = nn.ModuleList(
             Downsample2D(c, use_conv=True, out_channels=n, name="op") for c, n in pairwise(channels))
+        if not decoder:
+            return
         self.up_resnets = nn.ModuleList(
             nn.ModuleList(resnet(2 * c if j == 0 else c, c) for j in range(layers)) for c in channels)
         self.upsamplers = nn.ModuleList(
@@ -138,9 +142,13 @@ class ConvStages(nn.Module):
         self.norm_out = nn.GroupNorm(groups, channels[0], eps=1e-6)
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
 
-    def down(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(B, C_in, H, W) -> coarsest map (B, channels[-1], H / 2**(S-1), ...), skips (finest first)."""
+    def down(self, x: torch.Tensor, temb: torch.Tensor, hint: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, C_in, H, W) -> coarsest map (B, channels[-1], H / 2**(S-1), ...), skips (finest first).
+        ``hint`` (B, channels[0], H, W) is added after ``conv_in`` (a ControlNet's control input)."""
         h, skips = self.conv_in(x), []
+        if hint is not None:
+            h = h + hint
         for i, resnets in enumerate(self.down_resnets):
             for block in resnets:
                 h = block(h, temb)
@@ -191,6 +199,7 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["BasicTransformerBlock", "PatchEmbed"]
+    _conv_decoder = True  # build the hourglass' up stages (a ControlNet copies the down half only)
 
     @register_to_config
     def __init__(
@@ -236,7 +245,8 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
                 raise InputError(
                     f"hourglass: sample_size {sample_size} must be a multiple of {scale * patch_size} and every "
                     f"conv channel count {conv_channels} a multiple of conv_groups {conv_groups}")
-            self.conv_stages = ConvStages(in_channels, out_channels, conv_channels, conv_layers, inner, conv_groups)
+            self.conv_stages = ConvStages(in_channels, out_channels, conv_channels, conv_layers, inner, conv_groups,
+                                          decoder=self._conv_decoder)
             token_map, token_channels = sample_size // scale, conv_channels[-1]
         self.pos_embed = PatchEmbed(
             height=token_map,
@@ -303,7 +313,8 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         if self.conv_stages is None:
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)
-        else:  # the output conv is the last layer here: it starts at zero, the token path stays live
+        elif self.conv_stages.decoder:
+            # the output conv is the last layer here: it starts at zero, the token path stays live
             nn.init.zeros_(self.conv_stages.conv_out.weight)
             nn.init.zeros_(self.conv_stages.conv_out.bias)
 
@@ -358,6 +369,7 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor,
         drop_condition: torch.Tensor | None = None,
         controlnet_block_samples: list[torch.Tensor] | None = None,
+        controlnet_skip_samples: list[torch.Tensor] | None = None,
         return_dict: bool = True,
     ) -> TransformerOutput | tuple[torch.Tensor]:
         """Predict velocity / epsilon for noisy latents.
@@ -368,6 +380,8 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
             encoder_hidden_states: (B, T, Dc) condition tokens in the encoder's space.
             drop_condition: (B,) bool; True rows use the null condition (CFG dropout / uncond).
             controlnet_block_samples: residuals (B, N, D) added after each block, in order.
+            controlnet_skip_samples: hourglass only: residuals added to the conv stages' skips
+                (finest first, each the skip's shape).
         """
         self.check_condition(encoder_hidden_states)
         batch = hidden_states.shape[0]
@@ -384,6 +398,8 @@ class PixgenTransformer(ModelMixin, ConfigMixin):
         if self.conv_stages is not None:
             temb = t_emb + y.mean(dim=1)  # ResBlocks see the timestep and the (pooled) condition
             feature_map, skips = self.conv_stages.down(hidden_states, temb)
+            if controlnet_skip_samples:
+                skips = [s + r for s, r in zip(skips, controlnet_skip_samples, strict=True)]
         map_height, map_width = feature_map.shape[-2:]
         x = self.pos_embed(feature_map)  # (B, N, D)
 

@@ -113,8 +113,8 @@ class ControlNetTask(GeneratorTask):
         drop = (torch.rand(x0.shape[0], generator=generator) < self.cfg.cfg_dropout).to(x0.device)
 
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            residuals = model(x_t, t, cond, control, drop_condition=drop).controlnet_block_samples
-            return self.base(x_t, t, cond, drop_condition=drop, controlnet_block_samples=residuals).sample
+            residuals = model(x_t, t, cond, control, drop_condition=drop).residuals()
+            return self.base(x_t, t, cond, drop_condition=drop, **residuals).sample
 
         return self.objective.loss(predict, x0, generator)
 
