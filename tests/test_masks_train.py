@@ -72,3 +72,36 @@ def test_pixel_field_trains_a_mask_encoder_controlnet(pixel_cache, tmp_path, bas
     off = gen.generate(label="lung_n", control_image=lay, controlnet_conditioning_scale=0.0,
                        num_inference_steps=2, progress=False)
     assert not np.array_equal(np.asarray(on.images[0]), np.asarray(off.images[0]))
+
+
+def test_recipe_exports_an_int8_hourglass_mask_model_tied_to_its_base(tmp_path):
+    """``recipes.mask_controlnet.export(int8=True)``: half the bytes, loads through the mask loader
+    with weights within int8 rounding, and refuses another base."""
+    from pixgen.errors import ModelLoadError
+    from pixgen.io.int8 import INT8_WEIGHTS
+    from pixgen.masks import attach_mask_model
+    from pixgen.models.controlnet import PixgenControlNet
+    from pixgen.pipeline import Generator
+    from pixgen.testing import tiny_generator
+    from recipes.mask_controlnet import export
+
+    hourglass = dict(conv_channels=(16, 32), conv_groups=8, patch_size=2)
+    base = tiny_generator(**hourglass).save_pretrained(tmp_path / "base")
+    cn = PixgenControlNet.from_transformer(Generator.from_pretrained(base).transformer, 1, conditioning_channels=6,
+                                           conditioning_downsample=4)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cn.save_pretrained(tmp_path / "final" / "controlnet")
+    (tmp_path / "stats.json").write_text("{}")
+    dest = export(tmp_path / "final", base, tmp_path / "stats.json", tmp_path / "mm", int8=True)
+    stored = (dest / "controlnet" / INT8_WEIGHTS).stat().st_size
+    fp32 = (tmp_path / "final" / "controlnet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert stored < 0.4 * fp32
+
+    gen = attach_mask_model(Generator.from_pretrained(base), dest)
+    for (name, a), b in zip(cn.state_dict().items(), gen.controlnet.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=2e-3 + 0.01 * a.abs().max().item()), name
+    other = tiny_generator(seed=1, **hourglass).save_pretrained(tmp_path / "other")
+    with pytest.raises(ModelLoadError, match="another generator"):
+        attach_mask_model(Generator.from_pretrained(other), dest)
