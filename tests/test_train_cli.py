@@ -45,6 +45,10 @@ def test_dry_run_prints_parameters_flops_and_time(tmp_path, capsys):
     assert "matmul peak fp32" in out and "matmul peak bf16" in out and "s/step" in out
     assert json.loads(out[out.index("{"): out.index("}\n") + 1])["model"] == "pixgen-S/2"
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    assert "tokens 256;" in out  # 32x32 latents, patch 2
+    assert main(["train", "--preset", "default-128-v2", "--data", str(cache), "--out", str(tmp_path / "run"),
+                 "--dry-run"]) == 0
+    assert "tokens 64;" in capsys.readouterr().out  # the hourglass patchifies its 16x16 conv stage
 
 
 def test_train_on_an_image_folder_builds_the_cache_first(tmp_path, shared_data):

@@ -72,6 +72,19 @@ def conv_stage_flops(channels: tuple[int, ...], layers: int, side: int, in_chann
     return float(total)
 
 
+def token_count(config, latent_size: int | None = None) -> int:
+    """Tokens the transformer blocks see: patches of the latent, or of an hourglass' coarsest conv stage.
+
+    Example:
+        >>> token_count({"sample_size": 32, "patch_size": 2, "conv_channels": (64, 128)})
+        64
+    """
+    c = dict(config)
+    conv = tuple(c.get("conv_channels") or ())
+    side = (latent_size or c["sample_size"]) // 2 ** max(len(conv) - 1, 0) // c["patch_size"]
+    return side * side
+
+
 def model_flops(config, latent_size: int | None = None) -> dict[str, float]:
     """:func:`forward_flops` for a ``PixgenTransformer`` config (dict or FrozenDict).
 
@@ -83,10 +96,8 @@ def model_flops(config, latent_size: int | None = None) -> dict[str, float]:
     latent = latent_size or c["sample_size"]
     width, out_channels = c["num_attention_heads"] * c["attention_head_dim"], c.get("out_channels") or c["in_channels"]
     conv = tuple(c.get("conv_channels") or ())
-    token_map = latent // 2 ** (len(conv) - 1) if conv else latent  # hourglass: tokens of the coarsest conv stage
-    side = token_map // c["patch_size"]
     parts = forward_flops(
-        num_layers=c["num_layers"], width=width, tokens=side * side,
+        num_layers=c["num_layers"], width=width, tokens=token_count(c, latent),
         cond_tokens=c["caption_num_tokens"], cond_dim=c["caption_channels"], patch_size=c["patch_size"],
         in_channels=conv[-1] if conv else c["in_channels"], out_channels=conv[-1] if conv else out_channels,
     )

@@ -126,7 +126,7 @@ def dry_run_report(cfg: TrainConfig, data: str | Path, processes: int = 1, measu
     Example:
         >>> print(dry_run_report(get_preset("S-256"), "cache/"))    # doctest: +SKIP
     """
-    from training.flops import measure_matmul_rate, model_flops, train_step_flops
+    from training.flops import measure_matmul_rate, model_flops, token_count, train_step_flops
 
     geo, source = _geometry(cfg, Path(data))
     model = _dry_run_model(cfg, geo)
@@ -146,7 +146,7 @@ def dry_run_report(cfg: TrainConfig, data: str | Path, processes: int = 1, measu
         f"model: {cfg.model if not cfg.init else cfg.init} -> layers {mc.num_layers}, width "
         f"{mc.num_attention_heads * mc.attention_head_dim}, patch {mc.patch_size}",
         f"latents: {geo['channels']} x {geo['side']} x {geo['side']} ({source}); tokens "
-        f"{(geo['side'] // mc.patch_size) ** 2}; condition {mc.caption_num_tokens} x {mc.caption_channels} "
+        f"{token_count(mc, geo['side'])}; condition {mc.caption_num_tokens} x {mc.caption_channels} "
         f"({geo['encoder'] or 'encoder unknown'})",
         f"parameters: {params:,} ({params / 1e6:.1f} M)" + (f"; LoRA trainable ~{lora:,}" if lora else ""),
         f"forward FLOPs per sample: {fwd['total'] / 1e9:.3f} GFLOP "
