@@ -5,15 +5,24 @@ from __future__ import annotations
 from PIL import Image
 
 from metrics.report import FLOOR, SYNTHETIC
-from recipes.default_report import side_by_side, targets_markdown
+from recipes.default_report import before_after_markdown, key_figures, side_by_side, targets_markdown
 
 
 def _est(value: float, lo: float | None = None, hi: float | None = None) -> dict:
     return {"value": value, "ci": [value if lo is None else lo, value if hi is None else hi]}
 
 
-def _report(fd: float, c2st: float, suspects: int, tstr: float, gain_hi: float) -> dict:
+def _nuclei(synthetic: float, floor: float = 0.1) -> dict:
+    return {"rows": {"synthetic": {"distance": {"aggregate": _est(synthetic)}},
+                     "floor: real-train vs real-test": {"distance": {"aggregate": _est(floor)}}}}
+
+
+RETRIEVAL = {"detector": "classifier-detector-cnn", "top1": _est(0.7, 0.5, 0.85), "chance": {"top1": 0.1}}
+
+
+def _report(fd: float, c2st: float, suspects: int, tstr: float, gain_hi: float, nuclei: float = 0.15) -> dict:
     return {
+        "nuclei": _nuclei(nuclei),
         "fidelity": {SYNTHETIC: {"FD_pixgen-ssl": _est(fd), "C2ST_pixgen-ssl": _est(c2st)}, FLOOR: {"FD_pixgen-ssl": _est(10.0)}},
         "memorisation": {"pixgen-ssl": {"n_suspects": suspects}},
         "conditional": {"detector": "pixgen-ssl", "cos_generated_condition": _est(0.8, 0.78, 0.82),
@@ -32,11 +41,24 @@ def _verdicts(md: str) -> dict[str, str]:
 
 
 def test_targets_met_and_missed_are_both_reported():
-    good = _verdicts(targets_markdown({"lc": _report(25.0, 0.7, 0, 0.85, 0.01)}, 40.0))
-    assert set(good.values()) == {"met"} and len(good) == 7
-    bad = _verdicts(targets_markdown({"lc": _report(35.0, 0.9, 2, 0.7, -0.001)}, 130.0))
-    assert [k for k, v in bad.items() if v == "met"] == ["lc: conditional fidelity (cosine, `pixgen-ssl`)"]
-    assert "35 / 10 = 3.50" in targets_markdown({"lc": _report(35.0, 0.9, 2, 0.7, -0.001)}, None)
+    good = _verdicts(targets_markdown({"consep": _report(15.0, 0.7, 0, 0.85, 0.01)}, 40.0, RETRIEVAL))
+    assert set(good.values()) == {"met"} and len(good) == 9
+    bad_retrieval = {**RETRIEVAL, "top1": _est(0.3)}
+    bad = _verdicts(targets_markdown({"consep": _report(25.0, 0.9, 2, 0.7, -0.001, nuclei=0.3)}, 70.0, bad_retrieval))
+    assert [k for k, v in bad.items() if v == "met"] == ["consep: conditional fidelity (cosine, `pixgen-ssl`)"]
+    assert "25 / 10 = 2.50" in targets_markdown({"consep": _report(25.0, 0.9, 2, 0.7, -0.001)}, None)
+    assert "0.300 / 0.100 = 3.00" in targets_markdown({"consep": _report(25.0, 0.9, 2, 0.7, -0.001, nuclei=0.3)}, None)
+    lc = _verdicts(targets_markdown({"lc25000": _report(15.0, 0.7, 0, 0.85, 0.01)}, None))
+    assert lc["lc25000: C2ST `pixgen-ssl`"] == "**not met**"  # LC25000's C2ST target is 0.62, not 0.75
+
+
+def test_before_after_pairs_the_same_figures():
+    before = key_figures({"consep": _report(36.3, 0.89, 0, 0.8, 0.0, nuclei=0.42)}, None, 16.8)
+    after = key_figures({"consep": _report(18.0, 0.74, 0, 0.8, 0.0, nuclei=0.19)}, RETRIEVAL, 21.0)
+    table = before_after_markdown(before, after)
+    assert "| consep: nuclear statistics / floor | <= 2 | 0.420 / 0.100 = 4.20 | 0.190 / 0.100 = 1.90 |" in table
+    assert "| consep: C2ST `pixgen-ssl` | <= 0.75 | 0.890 | 0.740 |" in table
+    assert "retrieval" not in table  # measured after only: no pair, no row
 
 
 def test_side_by_side_puts_real_left_and_generated_right():
@@ -84,3 +106,28 @@ def test_synthetic_sets_per_label_declare_their_files_and_conditions(tmp_path):
     before = (syn / "stroma" / "stroma_0000.png").stat().st_mtime_ns
     _ensure_synthetic(str(tmp_path / "tiny"), syn, n=2, steps=1, seed=0)  # complete sets are kept
     assert (syn / "stroma" / "stroma_0000.png").stat().st_mtime_ns == before
+
+
+def test_retrieval_stage_maps_each_variation_to_its_reference_and_is_cached(tmp_path):
+    import json
+
+    import numpy as np
+
+    from pixgen.testing import save_tiny_model
+    from recipes.default_report import REFERENCES_PER_SOURCE, VARIATIONS, _ensure_retrieval
+
+    rng = np.random.default_rng(0)
+    for src in ("consep", "monuseg"):
+        (tmp_path / "real" / src).mkdir(parents=True)
+        for i in range(7):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "real" / src / f"{src}_{i}.png")
+    model = str(save_tiny_model(tmp_path / "tiny"))
+    scores = _ensure_retrieval(model, tmp_path / "real", tmp_path / "ret", "random-conv", seed=0)
+    refs = sorted(p.name for p in (tmp_path / "ret" / "references").iterdir())
+    variations = sorted(p.name for p in (tmp_path / "ret" / "variations").iterdir())
+    assert len(refs) == 2 * REFERENCES_PER_SOURCE and len(variations) == len(refs) * VARIATIONS
+    assert {v.rsplit("_v", 1)[0] + ".png" for v in variations} == set(refs)
+    assert scores["chance"]["top1"] == 1 / len(refs) and 0 <= scores["top1"]["value"] <= 1
+    (tmp_path / "ret" / "references" / refs[0]).unlink()  # cached: a second call reads retrieval.json
+    assert _ensure_retrieval(model, tmp_path / "real", tmp_path / "ret", "random-conv", seed=0) == json.loads(
+        (tmp_path / "ret" / "retrieval.json").read_text())
