@@ -225,6 +225,20 @@ def as_condition(value: Any) -> Condition:
                      fix="pass a pixgen.conditioning value (Reference, BankDraw, RawEmbeddings, EmbeddingGrid)")
 
 
+def label_or_prompt(model: Generator, text: str) -> Condition:
+    """A region's or a request's condition from one string: a label of the model (as ``label=``:
+    its prior, else its bank), otherwise a prompt in the prior's vocabulary (unknown words are
+    refused when it is resolved, naming them).
+
+    Example:
+        >>> label_or_prompt(gen, "colon, inflammatory-rich").prompt  # doctest: +SKIP
+        'colon, inflammatory-rich'
+    """
+    if text in model.labels or getattr(model, "prior", None) is None:
+        return from_keywords(model, label=text)
+    return PriorSample(prompt=text)
+
+
 def from_keywords(model: Generator, condition: Any = None, embeddings: Any = None, reference: Any = None,
                   label: str | None = None) -> Condition:
     """The condition that ``generate``'s conveniences (``embeddings=``, ``reference=``, ``label=``)

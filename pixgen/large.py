@@ -201,22 +201,23 @@ def layout_from_condition(gen: Generator, condition: Condition, height: int, wid
 def layout_from_label_map(gen: Generator, label_map: Any, colours: dict[tuple[int, int, int], str], *,
                           cell_pixels: int = 1, seed: int = 0,
                           region_condition: Callable[[str], Condition] | None = None) -> Layout:
-    """A layout from a small image whose colours name labels; each map pixel becomes
+    """A layout from a small image whose colours name labels or prompts; each map pixel becomes
     ``cell_pixels`` x ``cell_pixels`` cells of the model's window (or window part).
 
-    Each connected region of one colour gets one condition, ``region_condition(label)`` resolved
-    with its own seed; by default the model's prior for that label when it has one, else a bank
-    draw (as ``generate(label=...)``); pass ``BankDraw`` to force bank draws.
+    Each connected region of one colour gets one condition, ``region_condition(text)`` resolved
+    with its own seed; by default :func:`~pixgen.conditioning.label_or_prompt`: a label samples
+    the model's prior when it has one, else draws from its bank (as ``generate(label=...)``), and
+    any other text is a prompt for the prior; pass ``BankDraw`` to force bank draws.
 
     Example:
-        >>> layout_from_label_map(gen, "map.png", {(255, 0, 0): "lung_aca", (0, 0, 255): "lung_n"})  # doctest: +SKIP
+        >>> layout_from_label_map(gen, "map.png", {(255, 0, 0): "lung_aca", (0, 0, 255): "colon, spindle"})  # doctest: +SKIP
     """
     from scipy import ndimage
 
-    from pixgen.conditioning import from_keywords
+    from pixgen.conditioning import label_or_prompt
     from pixgen.io import load_rgb
 
-    region_condition = region_condition or (lambda label: from_keywords(gen, label=label))
+    region_condition = region_condition or (lambda text: label_or_prompt(gen, text))
     rgb = load_rgb(label_map) if isinstance(label_map, (str, Path)) else np.asarray(label_map)[..., :3]
     rgb = rgb.repeat(cell_pixels, 0).repeat(cell_pixels, 1)
     cell, _ = _cell_size(gen)

@@ -288,3 +288,24 @@ def test_cli_twin_of_a_slide(tmp_path, shared_data):
     assert main(bad) == 1 and not (tmp_path / "b.ome.tiff").exists()
     assert main(["large", "--model", str(model), "--label", "tumour", "--out", str(tmp_path / "c.ome.tiff")]) == 1
     assert not (tmp_path / "c.ome.tiff").exists()  # a label layout needs --size: refused, nothing written
+
+
+def test_label_map_regions_take_labels_or_prompts_of_the_prior():
+    from test_prior import tiny_prior  # tests/ is on sys.path (pytest rootdir)
+
+    from pixgen.conditioning import PriorSample, label_or_prompt
+    from pixgen.testing import tiny_generator
+
+    g = tiny_generator()
+    g.prior = tiny_prior()
+    a, b = label_or_prompt(g, "A"), label_or_prompt(g, "alpha, crowded")
+    assert (a.label, a.prompt, b.label, b.prompt) == ("A", None, None, "alpha, crowded")
+    red, blue = (255, 0, 0), (0, 0, 255)
+    lmap = np.zeros((2, 2, 3), np.uint8)
+    lmap[:, 0], lmap[:, 1] = red, blue
+    lay = layout_from_label_map(g, lmap, {red: "A", blue: "alpha, crowded"}, seed=5)
+    want = PriorSample(prompt="alpha, crowded").resolve(g, [6]).values[0, 0]  # the second region's seed
+    assert torch.allclose(lay.grid[0, 1], want) and torch.allclose(lay.grid[1, 1], want)
+    assert torch.allclose(lay.grid[0, 0], PriorSample(label="A").resolve(g, [5]).values[0, 0])
+    with pytest.raises(InputError, match="does not know: purple"):
+        layout_from_label_map(g, lmap, {red: "A", blue: "purple"})
