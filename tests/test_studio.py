@@ -321,6 +321,21 @@ def test_augment_variation_strength_sets_the_distance_from_the_originals(studio_
     assert near < 0.7 * far, (near, far)
 
 
+def test_originals_are_cut_into_model_size_tiles_at_the_model_mpp(tmp_path):
+    from pixgen.io import load_rgb
+    from pixgen.synth import cut_reference_tiles
+
+    arr = np.zeros((200, 300, 3), np.uint8)
+    arr[:, 150:] = 255  # left half black, right half white
+    Image.fromarray(arr).save(tmp_path / "scan.png")
+    tiles = cut_reference_tiles([tmp_path / "scan.png"], tmp_path / "tiles", size=64, mpp=0.5, source_mpp=0.25)
+    assert [t.name for t in tiles] == ["scan_r0c0.png", "scan_r0c1.png"]  # 150x100 px at 0.5 um/px: a centred 2x1 grid
+    left, right = (load_rgb(t) for t in tiles)
+    assert left.shape == (64, 64, 3) and left.mean() < 5 and right.mean() > 250
+    with pytest.raises(InputError, match=r"scan.png is 300x200 px at 0.25 um/px: smaller than one 128 px tile"):
+        cut_reference_tiles([tmp_path / "scan.png"], tmp_path / "big", size=128, mpp=0.5, source_mpp=0.25)
+
+
 def test_explore_map_and_report(studio_env, monkeypatch, tmp_path):
     at = page("explore")
     at.text_input(key="explore_real").set_value("lc25000-lung/lung_aca")

@@ -41,6 +41,7 @@ def write_spec(folder: Path, model: str, plan: dict, preview: bool, seed: int, s
 
 
 def run(preview: bool) -> None:
+    st.session_state.pop("augment_out", None)  # a run cancelled or refused shows no earlier set as its result
     folder = core.new_run_folder("augment")
     folder.mkdir()
     spec = write_spec(folder, core.model_path(source), plan, preview, seed, steps, guidance)

@@ -38,6 +38,7 @@ with core.shown_errors():
     guidance = c2.number_input("Guidance", 0.0, 20.0, float(gen.config["guidance_scale"]), step=0.25)
     seed = c3.number_input("Seed", 0, 2**53 - 1, 0)
     if st.button("Generate the large image", type="primary", disabled=not source_kw, key="large_go"):
+        st.session_state.pop("large_out", None)  # a run cancelled or refused shows no earlier image as its result
         out = core.new_run_folder("large") / "large.ome.tiff"
         layout, _ = build_layout(gen, seed=seed, **source_kw)
         height, width = source_kw.get("size") or layout.size
