@@ -305,7 +305,7 @@ def test_augment_variation_strength_sets_the_distance_from_the_originals(studio_
     at.button(key="aug_go").click().run()
     shown_ok(at)
     assert at.subheader[0].value == "4 images in 2 classes"
-    assert list(at.table[0].value["strength"]) == [0.9, 0.3]  # far, near (sorted class names)
+    assert list(at.table[0].value["strength"]) == ["0.9", "0.3"]  # far, near (sorted class names)
     out = Path(at.session_state["augment_out"])
     manifest = SetManifest.load(out)
     refs = {c["name"]: Path(c["reference"]) for c in manifest.spec["spec"]["classes"]}

@@ -167,7 +167,7 @@ def test_generate_and_paint_in_a_browser(page, tmp_path):
     pg.get_by_role("link", name="Large image").click()
     pg.get_by_role("button", name="Generate the large image").wait_for()
     set_number(pg, "Size (px, square)", 384)
-    set_number(pg, "Steps", 4)
+    set_number(pg, "Steps", 8)
     pg.get_by_role("button", name="Generate the large image").click()
     pg.get_by_text(re.compile(r"384 x 384 px, \d levels")).wait_for()
     settle(pg)

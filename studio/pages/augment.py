@@ -103,7 +103,8 @@ if "augment_out" in st.session_state:
         manifest = SetManifest.load(out)
         st.subheader(f"{len(manifest.files)} images in {len(manifest.spec['classes'])} classes")
         strengths = {c["name"]: c.get("strength") for c in manifest.spec["spec"]["classes"]}
-        st.table([{"class": name, "images": c["count"], "source": c["kind"], "strength": strengths.get(name) or "-"}
+        st.table([{"class": name, "images": c["count"], "source": c["kind"],
+                   "strength": f"{strengths.get(name) or 1:g}" if c["kind"] == "reference" else ""}
                   for name, c in manifest.spec["classes"].items()])
         paths = manifest.image_paths(out)
         cols = st.columns(6)
