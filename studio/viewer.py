@@ -1,8 +1,8 @@
 """A pan / zoom viewer for a pyramidal OME-TIFF (the Large image page's result), self-contained.
 
-Why our own: OpenSeadragon would be fetched from a CDN at run time (the studio fetches nothing),
-and the pip image-zoom components for Streamlit (streamlit-image-zoom and the like) take one
-in-memory image, not a pyramid. So the tiles are read here from the file's pyramid levels through
+Why our own: OpenSeadragon would be fetched from a CDN at run time (the studio fetches nothing;
+no installed package ships it), and the Streamlit image-zoom components on PyPI
+(streamlit-image-zoom and the like) take one in-memory image, not a pyramid. So the tiles are read here from the file's pyramid levels through
 :mod:`pixgen.io.slides` (the reader every other slide path uses), embedded as JPEG data URIs, and a
 few lines of canvas JavaScript draw the level that matches the zoom: wheel or +/- to zoom around a
 point, drag to pan, *fit* to see it whole. Levels above ``max_level_pixels`` are not embedded (the
