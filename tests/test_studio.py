@@ -188,8 +188,10 @@ def viewer_tiles(body: str) -> list[list[list[np.ndarray]]]:
     """The tiles the viewer's HTML embeds, per level (coarsest first), decoded."""
     import base64
 
+    def decode(uri: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
     data = json.loads(body.split("const data = ", 1)[1].split(";\n", 1)[0])
-    decode = lambda uri: np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))  # noqa: E731
     return [[[decode(t) for t in row] for row in level["tiles"]] for level in data["levels"]]
 
 
