@@ -7,13 +7,13 @@ import json
 import time
 from pathlib import Path
 
-from pixgen.errors import InputError, ModelLoadError
+from pixgen.errors import ModelLoadError
+from pixgen.sets import MAX_SEED, check_device, check_request, request_condition, set_manifest, write_set
 
 __all__ = ["add_parsers", "check_device", "DEFAULT_MODEL", "TRUST_HELP", "MAX_SEED"]
 
 # The bundled default model (committed inside the package); `--model` overrides it.
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "pixgen-default"
-MAX_SEED = 2**63 - 1  # seed + i must fit torch.Generator.manual_seed (64 bits)
 TRUST_HELP = ("run the encoder's own Python code from its hub repository; only for registry entries pinned to a "
               "commit (never code found in a model or encoder folder)")
 
@@ -92,151 +92,28 @@ def _check_default_model(model: str) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from pixgen.io import SetWriter, check_output_folder, load_image
+    from pixgen.io import SetManifest, check_output_folder
     from pixgen.pipeline import Generator
 
-    _check_generate_args(args)
-    condition = _prior_condition(args)  # conflicting condition flags are refused before anything loads
+    check_request(args)
+    request_condition(args)  # conflicting condition flags are refused before anything loads
     _check_default_model(args.model)
     if args.mask or args.sample_masks:  # paired (image, mask) sets: pixgen.masks
         from pixgen.masks import run_mask_generate
 
-        return run_mask_generate(args, _set_manifest)
-    out = check_output_folder(args.out, args.overwrite)  # before any loading or compute
+        return run_mask_generate(args, set_manifest)
+    check_output_folder(args.out, args.overwrite)  # before any loading or compute
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(
         args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path, device=args.device,
         dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code,
     )
     gen.use_sampling(args.quality, args.sampler)
-    masks = [np.array(load_image(p).convert("L")) for p in args.control_image] if args.control_image else None
-    embeddings = _load_embeddings(args.embeddings)
-    # each batch is written as it finishes: a refused request leaves nothing behind, a set broken
-    # off (interrupt, full disk, a failing batch) keeps its finished images, marked incomplete
-    with SetWriter.create(out, _set_manifest(args, gen), overwrite=args.overwrite) as writer:
-        path = args.interpolate is not None  # one seed: the same image noise at every point of the path
-        conditions = []
-        for batch in gen.generate_batches(
-            condition, embeddings=embeddings, reference=args.reference,
-            label=None if condition is not None else args.label,
-            latents=gen.initial_noise([args.seed]).repeat(args.n, 1, 1, 1) if path else None,
-            num_images=1 if path else args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
-            seed=args.seed, batch_size=args.batch_size, control_image=masks,
-            controlnet_conditioning_scale=args.control_scale,
-        ):
-            _write_batch(writer, args, batch, _count_conditions(args, embeddings),
-                         prior=gen.prior is not None and not args.from_bank)
-            conditions.append(batch.conditions)
-        writer.finish(conditions=torch.cat([c.values for c in conditions]), encoder=conditions[0].encoder,
-                      seconds=time.perf_counter() - t0)
-    print(f"wrote {len(writer.manifest.files)} images, contact_sheet.png and manifest.json to {out}")
+    out = write_set(gen, args, started=t0)  # the set is written batch by batch (pixgen.sets)
+    print(f"wrote {len(SetManifest.load(out).files)} images, contact_sheet.png and manifest.json to {out}")
     return 0
-
-
-def _check_generate_args(args: argparse.Namespace) -> None:
-    """Refuse bad numbers and devices before anything is loaded or written."""
-    from pixgen.sampling import check_sampling_args, check_sampling_choice
-
-    check_sampling_choice(args.quality, args.sampler)
-    for name in ("n", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
-                             fix=f"pass --{name.replace('_', '-')} 1 or more")
-    if not 0 <= args.seed <= MAX_SEED:  # torch.Generator.manual_seed takes 64-bit seeds; image i uses seed + i
-        raise InputError(f"--seed must be in 0..2**63-1, got {args.seed}", fix="pass a smaller non-negative --seed")
-    check_sampling_args(1 if args.steps is None else args.steps, 1.0 if args.guidance is None else args.guidance)
-    check_device(args.device)
-
-
-def check_device(device: str) -> None:
-    """Refuse a device string torch does not know, or a GPU this machine does not have (one line,
-    before any model is loaded).
-
-    Example:
-        >>> check_device("cpu")
-    """
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r}", fix="pass --device cpu, cuda, cuda:1, mps ...") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)",
-                         fix="pass --device cpu, or run where a GPU and a CUDA build of torch are installed")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible",
-                         fix=f"pass --device cuda:0 .. cuda:{torch.cuda.device_count() - 1} (or check CUDA_VISIBLE_DEVICES)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {device}: Apple MPS is not available here", fix="pass --device cpu")
-
-
-def _load_embeddings(path: str | None):
-    from pixgen.embeddings import load_embeddings
-
-    return load_embeddings(path) if path else None
-
-
-def _count_conditions(args: argparse.Namespace, embeddings) -> int:
-    """Distinct conditions in the request (each gets --n images)."""
-    return len(args.reference) if args.reference else len(embeddings) if embeddings is not None else 1
-
-
-def _prior_condition(args: argparse.Namespace):
-    """The condition that --prompt, --interpolate or --label --from-bank ask for (None: the keywords)."""
-    from pixgen.conditioning import BankDraw, PriorPath, PriorSample
-
-    given = [x for x in ("reference", "embeddings", "label", "prompt", "interpolate") if getattr(args, x)]
-    if len(given) > 1:
-        raise InputError(f"give only one of --{', --'.join(given)}")
-    if args.from_bank and not args.label:
-        raise InputError("--from-bank needs --label", fix="e.g. --label lung_scc --from-bank")
-    if args.interpolate:
-        return PriorPath(*args.interpolate, points=args.n)
-    if args.prompt:
-        return PriorSample(prompt=args.prompt)
-    return BankDraw(args.label) if args.from_bank else None
-
-
-def _set_manifest(args: argparse.Namespace, gen):
-    """The manifest of the set about to be generated: the model by content hash, the sampler
-    settings, and the hashes of the reference and embeddings files."""
-    from pixgen.io import SamplerSettings, SetManifest, sha256_file
-    from pixgen.io.manifest import FileHash, model_id
-
-    steps = int(args.steps or gen.config["num_inference_steps"])
-    guidance = float(gen.config["guidance_scale"] if args.guidance is None else args.guidance)
-    return SetManifest(
-        model=model_id(args.model, gen.source, gen.config.get("encoder"),
-                       {"vae_path": args.vae_path, "encoder_path": args.encoder_path}),
-        sampler=SamplerSettings(steps=steps, guidance=guidance, scheduler=type(gen.scheduler).__name__,
-                                batch_size=args.batch_size, n=args.n, seed=args.seed, device=args.device,
-                                dtype=str(gen.compute_dtype).removeprefix("torch."),
-                                control_scale=args.control_scale if args.control_image else None),
-        embeddings=FileHash(args.embeddings, sha256_file(args.embeddings))
-        if args.embeddings and Path(args.embeddings).is_file() else None,
-        references={r: sha256_file(r) for r in args.reference or [] if Path(r).is_file()},
-    )
-
-
-def _write_batch(writer, args: argparse.Namespace, batch, num_conditions: int, prior: bool = False) -> None:
-    """Save one batch's images with their seeds and conditions: the per-image record of the manifest."""
-    from pixgen.io import Condition, ImageEntry
-
-    kind = ("reference" if args.reference else "embeddings" if args.embeddings else "prompt" if args.prompt
-            else "path" if args.interpolate else "prior" if args.label and prior else "label" if args.label else "bank")
-    masks = args.control_image or []
-    for k, (img, seed, cid) in enumerate(zip(batch.images, batch.seeds, batch.condition_ids)):
-        i = batch.extra["batch_start"] + k
-        label = cid.rsplit("[", 1)[0] if kind in ("label", "bank", "prior") else None
-        cond = Condition(kind, cid, label, writer.manifest.references.get(cid))
-        # masks: one for all images, one per condition (--n images each) or one per image
-        mask = masks[0] if len(masks) == 1 else masks[i // args.n] if len(masks) == num_conditions else masks[i] if masks else None
-        seed = args.seed if kind == "path" else seed  # every point of a path starts from --seed's noise
-        writer.add(img, ImageEntry(f"{i:04d}.png", seed, cond, mask))
 
 
 def run_info(args: argparse.Namespace) -> int:

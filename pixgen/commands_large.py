@@ -107,32 +107,12 @@ def parse_colours(items: list[str]) -> dict[tuple[int, int, int], str]:
     return out
 
 
-def _layout(args: argparse.Namespace, gen):
-    from pixgen.conditioning import Reference, from_keywords
-    from pixgen.large import layout_from_condition, layout_from_label_map, layout_from_slide
-
-    size = parse_size(args.size) if args.size else None
-    if args.from_slide:
-        region = parse_region(args.region) if args.region else None
-        layout, real = layout_from_slide(gen, args.from_slide, region, slide_mpp=args.mpp)
-        return layout, real, size
-    if args.label_map:
-        if not args.colours:
-            raise InputError("--label-map needs --colours 'R,G,B=label' for each colour")
-        return layout_from_label_map(gen, args.label_map, parse_colours(args.colours),
-                                     cell_pixels=args.cells_per_pixel, seed=args.seed), None, size
-    if size is None:
-        raise InputError("--label / --reference need --size", fix="e.g. --size 2048 or --size 2048x1024")
-    cond = from_keywords(gen, label=args.label) if args.label else Reference([args.reference])  # prior if the model has one
-    return layout_from_condition(gen, cond, *size, period=args.period, seed=args.seed), None, size
-
-
 def run_large(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
     from pixgen.commands import _check_default_model
-    from pixgen.large import generate_large
+    from pixgen.large import build_layout, generate_large
     from pixgen.pipeline import Generator
 
     from pixgen.sampling import check_sampling_choice
@@ -148,7 +128,12 @@ def run_large(args: argparse.Namespace) -> int:
     if args.quality or args.sampler:
         gen.use_sampling(args.quality, args.sampler)
     t0 = time.perf_counter()
-    layout, real, size = _layout(args, gen)
+    size = parse_size(args.size) if args.size else None
+    region = parse_region(args.region) if args.from_slide and args.region else None
+    layout, real = build_layout(gen, slide=args.from_slide, region=region, slide_mpp=args.mpp, label_map=args.label_map,
+                                colours=parse_colours(args.colours) if args.label_map else None,
+                                cells_per_pixel=args.cells_per_pixel, label=args.label, reference=args.reference,
+                                size=size, period=args.period, seed=args.seed)
     height, width = size or layout.size
     if height % layout.cell or width % layout.cell or (height, width) != layout.size:
         print(f"note: {width}x{height} px is not the layout's {layout.size[1]}x{layout.size[0]} px; windows past the "

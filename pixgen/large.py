@@ -63,7 +63,7 @@ from pixgen.pipeline import Generator
 from pixgen.sampling import check_sampling_args, guided_prediction, predicted_x0, prediction_from_x0, sample
 
 __all__ = [
-    "Layout", "layout_from_slide", "layout_from_condition", "layout_from_label_map", "window_starts",
+    "Layout", "build_layout", "layout_from_slide", "layout_from_condition", "layout_from_label_map", "window_starts",
     "feather", "slerp", "sample_canvas", "decode_rows", "generate_large", "canvas_size", "PNG_MAX_SIDE",
 ]
 
@@ -242,6 +242,39 @@ def layout_from_label_map(gen: Generator, label_map: Any, colours: dict[tuple[in
 
 
 # ------------------------------------------------------------------ windows
+def build_layout(gen: Generator, *, slide: str | Path | None = None, region: tuple[int, int, int, int] | None = None,
+                 slide_mpp: float | None = None, label_map: Any = None,
+                 colours: dict[tuple[int, int, int], str] | None = None, cells_per_pixel: int = 1,
+                 label: str | None = None, reference: Any = None, size: tuple[int, int] | None = None,
+                 period: int = 4, seed: int = 0) -> tuple[Layout, np.ndarray | None]:
+    """The layout of one large image from one source, and the real region for a slide (else None):
+
+    - ``slide`` (+ ``region`` x, y, w, h in level-0 px, ``slide_mpp``): its synthetic twin
+      (:func:`layout_from_slide`);
+    - ``label_map`` + ``colours``: painted regions (:func:`layout_from_label_map`);
+    - ``label`` (the model's prior when it has one, else bank draws) or ``reference`` (an image),
+      varying smoothly over ``size`` = (height, width) (:func:`layout_from_condition`).
+
+    ``pixgen large`` and the studio's Large image page both build their layout here.
+
+    Example:
+        >>> layout, real = build_layout(gen, label="lung_aca", size=(512, 512))        # doctest: +SKIP
+        >>> layout, real = build_layout(gen, slide="cmu-1-small-region.svs", region=(0, 0, 512, 512))  # doctest: +SKIP
+    """
+    from pixgen.conditioning import Reference, from_keywords
+
+    if slide is not None:
+        return layout_from_slide(gen, slide, region, slide_mpp=slide_mpp)
+    if label_map is not None:
+        if not colours:
+            raise InputError("a label map needs its colours (--colours 'R,G,B=label' for each colour)")
+        return layout_from_label_map(gen, label_map, colours, cell_pixels=cells_per_pixel, seed=seed), None
+    if size is None:
+        raise InputError("a label or reference layout needs a size (--size)", fix="e.g. --size 2048 or --size 2048x1024")
+    cond = from_keywords(gen, label=label) if label else Reference([reference])  # prior if the model has one
+    return layout_from_condition(gen, cond, *size, period=period, seed=seed), None
+
+
 def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Window offsets covering ``length``: every ``stride``, plus one flush with the end.
 

@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SynthSpec", "ClassSpec", "SamplerSpec", "OutputSpec", "Layout", "load_spec", "parse_spec", "image_seed",
     "plan_batches", "build_set", "near_copy_rejecter", "add_parser", "run_synth", "CONDITION_KINDS",
+    "cut_reference_tiles",
 ]
 
 CONDITION_KINDS = ("label", "reference", "embeddings", "prompt", "masks")
@@ -386,6 +387,47 @@ def _check_start_sizes(files: Sequence[Path], gen: Generator, where: str) -> Non
                 raise InputError(f"{where}: {path.name} is {im.size[0]}x{im.size[1]} px; with strength < 1 each "
                                  f"reference is the start image and must be the output size {w * f}x{h * f}",
                                  fix="cut tiles at the model's size and mpp (pixgen tile), or drop strength")
+
+
+def cut_reference_tiles(images: Sequence[str | Path], out: str | Path, *, size: int, mpp: float,
+                        source_mpp: float) -> list[Path]:
+    """Start tiles for a reference class with ``strength`` < 1, from images of any size and resolution.
+
+    Each image (read by :func:`pixgen.io.load_rgb`) is resampled from ``source_mpp`` to ``mpp``
+    um/px (Lanczos, as :func:`pixgen.io.slides.read_region` resamples slide regions) and cut into
+    the whole ``size`` x ``size`` tiles of a grid centred on it (the partial margins are dropped:
+    a 224 px image at the same mpp gives its central 128 px tile), written to
+    ``out/STEM_rRcC.png``. An image smaller than one tile at ``mpp`` is refused, named.
+
+    Example:
+        >>> cut_reference_tiles(["a.jpeg"], "tiles/a", size=128, mpp=0.5, source_mpp=0.5)  # doctest: +SKIP
+        [PosixPath('tiles/a/a_r0c0.png')]
+    """
+    import numpy as np
+    from PIL import Image
+
+    from pixgen.io import load_rgb, save_png
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tiles = []
+    for path in map(Path, images):
+        arr = load_rgb(path)
+        h, w = (round(n * source_mpp / mpp) for n in arr.shape[:2])
+        if min(h, w) < size:
+            raise InputError(f"{path.name} is {arr.shape[1]}x{arr.shape[0]} px at {source_mpp} um/px: smaller than one "
+                             f"{size} px tile at {mpp} um/px ({size * mpp:g} um)",
+                             fix="use larger originals, or check their resolution (um/px)")
+        if (h, w) != arr.shape[:2]:
+            arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.LANCZOS))
+        rows, cols = h // size, w // size
+        y0, x0 = (h - rows * size) // 2, (w - cols * size) // 2
+        for r in range(rows):
+            for c in range(cols):
+                tile = arr[y0 + r * size : y0 + (r + 1) * size, x0 + c * size : x0 + (c + 1) * size]
+                tiles.append(save_png(tile, out / f"{path.stem}_r{r}c{c}.png",
+                                      provenance={"original": path.name, "row": r, "col": c, "mpp": mpp}))
+    return tiles
 
 
 class _ClassConditions:

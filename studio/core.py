@@ -43,6 +43,7 @@ __all__ = [
     "save_upload",
     "session_folder",
     "settings",
+    "settled",
     "show_report",
     "shown_errors",
     "under_root",
@@ -178,18 +179,41 @@ def cancel_button(key: str) -> None:
     st.button("Cancel", key=key, on_click=lambda: st.session_state.__setitem__(_CANCEL, True))
 
 
+def _work_lock() -> threading.Lock:
+    return st.session_state.setdefault("_studio_work_lock", threading.Lock())
+
+
 @contextmanager
 def running(key: str, total: int, text: str = "denoising") -> Iterator[StepProgress]:
     """A Cancel button and a progress bar (a :class:`StepProgress` for the sampler's callback) for
-    the work inside; both disappear when it ends."""
-    box = st.empty()
-    with box.container():
-        cancel_button(key)
-        progress = StepProgress(total, text)
+    the work inside; both disappear when it ends. The work holds this session's work lock (see
+    :func:`settled`)."""
+    with _work_lock():
+        box = st.empty()
+        with box.container():
+            cancel_button(key)
+            progress = StepProgress(total, text)
+        try:
+            yield progress
+        finally:
+            box.empty()
+
+
+@contextmanager
+def settled(timeout: float = 120.0) -> Iterator[None]:
+    """Wait (up to ``timeout`` s) until no work of this session is still winding down, then read.
+
+    A click during a run (Cancel) makes Streamlit start the next script run at once (its default
+    ``runner.fastReruns``) while the interrupted one still runs up to its next progress update,
+    where it stops and its set writer saves what was finished. Reading a set inside this shows it
+    as it was left, not as it was a moment before."""
+    lock = _work_lock()
+    held = lock.acquire(timeout=timeout)
     try:
-        yield progress
+        yield
     finally:
-        box.empty()
+        if held:
+            lock.release()
 
 
 def cancelled_notice() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import numpy as np
 __all__ = [
     "class_folders",
     "cli_args",
-    "generate_set",
     "interpolated_embeddings",
     "large_model_calls",
     "layout_image",
@@ -41,53 +40,18 @@ def cli_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args([str(a) for a in argv])
 
 
-def generate_set(gen: Any, args: argparse.Namespace, callback: Callable[..., Any] | None = None) -> Path:
-    """``pixgen generate`` (``args`` from :func:`cli_args`) with an already loaded ``gen`` and a
-    per-step ``callback``: the same checks, the same set (images, manifest, conditions, sheet)."""
-    import torch
-
-    from pixgen.commands import (
-        _check_generate_args,
-        _count_conditions,
-        _load_embeddings,
-        _prior_condition,
-        _set_manifest,
-        _write_batch,
-    )
-    from pixgen.io import SetWriter, check_output_folder
-
-    _check_generate_args(args)
-    condition = _prior_condition(args)
-    out = check_output_folder(args.out, args.overwrite)
-    t0 = time.perf_counter()
-    embeddings = _load_embeddings(args.embeddings)
-    with SetWriter.create(out, _set_manifest(args, gen), overwrite=args.overwrite) as writer:
-        conditions = []
-        for batch in gen.generate_batches(
-            condition, embeddings=embeddings, reference=args.reference, label=None if condition is not None else args.label,
-            num_images=args.n, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-            batch_size=args.batch_size, progress=False, callback=callback,
-        ):
-            _write_batch(writer, args, batch, _count_conditions(args, embeddings),
-                         prior=gen.prior is not None and not args.from_bank)
-            conditions.append(batch.conditions)
-        writer.finish(conditions=torch.cat([c.values for c in conditions]), encoder=conditions[0].encoder,
-                      seconds=time.perf_counter() - t0)
-    return out
-
-
 def mask_pairs(gen: Any, args: argparse.Namespace, layouts: list[Any], label: str | None) -> Path:
     """``pixgen generate --mask`` with an already loaded ``gen``: a paired set (images/, inst/,
     types/, manifest) of ``args.n`` images per layout, written by :func:`pixgen.masks.generate_pairs`."""
-    from pixgen.commands import _set_manifest
     from pixgen.io import SetWriter, check_output_folder
     from pixgen.masks import BUNDLED_MASK_MODEL, attach_mask_model, generate_pairs
+    from pixgen.sets import set_manifest
 
     if gen.controlnet is None or gen.controlnet.mask_encoder is None:
         attach_mask_model(gen, args.mask_model or BUNDLED_MASK_MODEL)
     out = check_output_folder(args.out, args.overwrite)
     t0 = time.perf_counter()
-    with SetWriter.create(out, _set_manifest(args, gen), overwrite=args.overwrite) as writer:
+    with SetWriter.create(out, set_manifest(args, gen), overwrite=args.overwrite) as writer:
         result = generate_pairs(gen, layouts, writer, label=label, n=args.n, seed=args.seed,
                                 control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
                                 batch_size=args.batch_size)
@@ -178,11 +142,15 @@ def synth_spec_text(model: str, classes: dict[str, dict[str, Any]], *, seed: int
     return "\n".join(lines) + "\n"
 
 
-def large_model_calls(gen: Any, height: int, width: int, steps: int, batch_size: int, overlap: int | None = None) -> int:
+def large_model_calls(gen: Any, height: int, width: int, steps: int, batch_size: int | None = None,
+                      overlap: int | None = None) -> int:
     """How many denoiser calls :func:`pixgen.large.generate_large` makes (windows per step, in
-    batches, times the steps): the total of its progress bar."""
-    from pixgen.large import canvas_size, window_starts
+    batches of ``batch_size``, default its own, times the steps): the total of its progress bar."""
+    import inspect
 
+    from pixgen.large import canvas_size, generate_large, window_starts
+
+    batch_size = batch_size or inspect.signature(generate_large).parameters["batch_size"].default
     f = gen.vae.downsample_factor
     win = gen.transformer.config.sample_size
     overlap = win // 4 if overlap is None else overlap

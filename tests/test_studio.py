@@ -184,19 +184,39 @@ def test_canvas_circles_become_separate_typed_nuclei():
         layout_from_canvas({"objects": [{**circles[0], "fill": "#123456"}]}, 384, 128)
 
 
+def viewer_tiles(body: str) -> list[list[list[np.ndarray]]]:
+    """The tiles the viewer's HTML embeds, per level (coarsest first), decoded."""
+    import base64
+
+    def decode(uri: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+    data = json.loads(body.split("const data = ", 1)[1].split(";\n", 1)[0])
+    return [[[decode(t) for t in row] for row in level["tiles"]] for level in data["levels"]]
+
+
 def test_large_image_label_layout_viewer_and_download(studio_env, downloads):
     from pixgen.io.slides import open_slide
 
     at = page("large_image")
-    at.number_input(key="large_size").set_value(256)
+    at.number_input(key="large_size").set_value(384)
     at.number_input(key="large_steps").set_value(1)
     at.button(key="large_go").click().run()
     shown_ok(at)
-    assert at.subheader[0].value.startswith("256 x 256 px") and len(at.image) == 1
+    assert at.subheader[0].value.startswith("384 x 384 px") and not at.image
+    (viewer,) = at.html
+    assert viewer.proto.unsafe_allow_javascript and "pixgen-viewer-status" in viewer.proto.body
     tiff = studio_env / "large.ome.tiff"
     tiff.write_bytes(downloads["large.ome.tiff"])
+    levels = viewer_tiles(viewer.proto.body)
     with open_slide(tiff) as slide:
-        assert slide.dimensions == (256, 256) and slide.mpp() == pytest.approx(0.5)
+        assert slide.dimensions == (384, 384) and slide.mpp() == pytest.approx(0.5)
+        assert len(levels) == len(slide.level_dimensions) >= 2  # every level of the pyramid, coarsest first
+        full = levels[-1]
+        assert [[t.shape[:2] for t in row] for row in full] == [[(256, 256), (256, 128)], [(128, 256), (128, 128)]]
+        # the viewer shows the file's own pixels (JPEG-compressed twice: small differences only)
+        assert np.abs(full[1][1].astype(int) - slide.read(256, 256, 0, 128, 128)).mean() < 6
+    assert "levels" in at.caption[-1].value and "tiles" in at.caption[-1].value
 
 
 def test_large_image_from_a_class_map_and_a_slide_region(studio_env):
@@ -262,6 +282,60 @@ def test_augment_writes_the_set_through_synth(studio_env, downloads):
     assert kinds == ["reference"] * 2 + ["embeddings"] * 2 + ["prior"] * 2
     names = zip_names(next(v for k, v in downloads.items() if k.endswith(".zip")))
     assert {"lung_aca/0000.png", "lung_n/0001.png", "lung_scc/0001.png", "manifest.json"} <= set(names)
+
+
+def test_augment_variation_strength_sets_the_distance_from_the_originals(studio_env, monkeypatch, tmp_path, shared_data):
+    """The same two originals as two classes, varied at strength 0.3 and 0.9 (real img2img, 6 steps):
+    the 0.3 images stay measurably closer to their original's tile than the 0.9 ones."""
+    import shutil
+
+    from pixgen.io import SetManifest, load_rgb
+
+    root = tmp_path / "root"
+    originals = sorted((shared_data / "lc25000-lung" / "lung_aca").iterdir())[:2]
+    for name in ("near", "far"):
+        (root / "lc25000-lung" / name).mkdir(parents=True)  # the page's default folder name
+        for f in originals:
+            shutil.copy(f, root / "lc25000-lung" / name / f.name)
+    monkeypatch.setenv("PIXGEN_STUDIO_ROOT", str(root))
+    at = page("augment")
+    for name, strength in (("near", 0.3), ("far", 0.9)):
+        at.number_input(key=f"aug_n_{name}").set_value(2)
+        at.number_input(key=f"aug_orig_{name}").set_value(2)
+        at.slider(key=f"aug_strength_{name}").set_value(strength)
+    at.number_input(key="aug_steps").set_value(6)
+    at.button(key="aug_go").click().run()
+    shown_ok(at)
+    assert at.subheader[0].value == "4 images in 2 classes"
+    assert list(at.table[0].value["strength"]) == ["0.9", "0.3"]  # far, near (sorted class names)
+    out = Path(at.session_state["augment_out"])
+    manifest = SetManifest.load(out)
+    refs = {c["name"]: Path(c["reference"]) for c in manifest.spec["spec"]["classes"]}
+    assert all(r.is_relative_to(studio_env) for r in refs.values()), "the tiles are written under the session folder"
+    distance = {}
+    for entry in manifest.files:
+        name = entry.file.split("/")[0]
+        tile = load_rgb(refs[name] / entry.condition.id)
+        assert tile.shape == (128, 128, 3)  # 224 px originals at 0.5 um/px: their central 128 px tile
+        distance.setdefault(name, []).append(np.abs(load_rgb(out / entry.file).astype(float) - tile).mean())
+    near, far = np.mean(distance["near"]), np.mean(distance["far"])
+    print(f"mean |image - original tile|: strength 0.3 {near:.1f}, 0.9 {far:.1f} grey levels")
+    assert near < 0.7 * far, (near, far)
+
+
+def test_originals_are_cut_into_model_size_tiles_at_the_model_mpp(tmp_path):
+    from pixgen.io import load_rgb
+    from pixgen.synth import cut_reference_tiles
+
+    arr = np.zeros((200, 300, 3), np.uint8)
+    arr[:, 150:] = 255  # left half black, right half white
+    Image.fromarray(arr).save(tmp_path / "scan.png")
+    tiles = cut_reference_tiles([tmp_path / "scan.png"], tmp_path / "tiles", size=64, mpp=0.5, source_mpp=0.25)
+    assert [t.name for t in tiles] == ["scan_r0c0.png", "scan_r0c1.png"]  # 150x100 px at 0.5 um/px: a centred 2x1 grid
+    left, right = (load_rgb(t) for t in tiles)
+    assert left.shape == (64, 64, 3) and left.mean() < 5 and right.mean() > 250
+    with pytest.raises(InputError, match=r"scan.png is 300x200 px at 0.25 um/px: smaller than one 128 px tile"):
+        cut_reference_tiles([tmp_path / "scan.png"], tmp_path / "big", size=128, mpp=0.5, source_mpp=0.25)
 
 
 def test_explore_map_and_report(studio_env, monkeypatch, tmp_path):
@@ -330,6 +404,7 @@ def test_cancel_stops_generation_and_keeps_an_incomplete_set(tmp_path, one_threa
     from pixgen.io import SetManifest
     from pixgen.pipeline import Generator
     from pixgen.sampling import SamplingCancelled
+    from pixgen.sets import write_set
     from studio import jobs
 
     gen = Generator.from_pretrained(DEFAULT_MODEL)
@@ -337,7 +412,7 @@ def test_cancel_stops_generation_and_keeps_an_incomplete_set(tmp_path, one_threa
                           "--out", tmp_path / "set"])
     calls = []
     with pytest.raises(SamplingCancelled):
-        jobs.generate_set(gen, args, callback=lambda *a: calls.append(1) or len(calls) < 4)  # cancel in batch 2
+        write_set(gen, args, callback=lambda *a: calls.append(1) or len(calls) < 4, progress=False)  # cancel in batch 2
     manifest = SetManifest.load(tmp_path / "set")
     assert not manifest.complete and len(manifest.files) == 2
 

@@ -1,5 +1,6 @@
 """The studio in a real browser: `pixgen studio` on a free port, Debian's chromium driven by
-Playwright; a generation, then nuclei drawn on the Paint canvas with the mouse and their tissue.
+Playwright; a generation cancelled half way, a generation, nuclei drawn on the Paint canvas with the
+mouse and their tissue, and a large image zoomed and panned in its viewer.
 
 Marked ``browser`` (not in the default run): needs ``apt-get install chromium`` and
 ``pip install playwright`` (Playwright's own browser download is not used). Run it with
@@ -9,7 +10,9 @@ keeps the screenshots there (default: the test's temporary folder). CI runs it (
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -103,6 +106,23 @@ def test_generate_and_paint_in_a_browser(page, tmp_path):
     pg, shots = page, shots_folder(tmp_path)
     pg.goto(pg.studio_url)
     pg.get_by_role("button", name="Generate", exact=True).wait_for()
+
+    # cancel: 16 images in two batches of 8, 10 steps each; Cancel while the second batch runs
+    set_number(pg, "Images (per condition)", 16)
+    set_number(pg, "Steps", 10)
+    pg.get_by_role("button", name="Generate", exact=True).click()
+    pg.get_by_text(re.compile(r"denoising: 1[1-6] / 20")).wait_for()
+    pg.get_by_role("button", name="Cancel").click()
+    pg.get_by_text("Cancelled: what was finished is kept").wait_for()
+    settle(pg)
+    assert pg.get_by_text("Incomplete set (cancelled): 8 images finished").is_visible()
+    assert pg.locator("[data-testid='stImage'] img").count() == 8  # the finished batch, and nothing else
+    (manifest,) = (tmp_path / "work").glob("*/generate/*/manifest.json")
+    written = json.loads(manifest.read_text())
+    assert written["complete"] is False and len(written["files"]) == 8
+    assert sorted(p.name for p in manifest.parent.glob("*.png")) == [f"{i:04d}.png" for i in range(8)]
+    pg.screenshot(path=str(shots / "cancel.jpg"), type="jpeg", quality=80)
+
     set_number(pg, "Images (per condition)", 8)
     set_number(pg, "Steps", 12)
     pg.get_by_role("button", name="Generate", exact=True).click()
@@ -142,4 +162,35 @@ def test_generate_and_paint_in_a_browser(page, tmp_path):
     mask = pg.locator("[data-testid='stImage']").filter(has_text="mask inst/drawn_0.png")
     assert mask.count() == 1
     pg.screenshot(path=str(shots / "paint.jpg"), type="jpeg", quality=80)
-    assert (shots / "generate.jpg").stat().st_size > 10_000 and (shots / "paint.jpg").stat().st_size > 10_000
+
+    # a large image, zoomed with the wheel and panned by dragging in its pyramid viewer
+    pg.get_by_role("link", name="Large image").click()
+    pg.get_by_role("button", name="Generate the large image").wait_for()
+    set_number(pg, "Size (px, square)", 384)
+    set_number(pg, "Steps", 8)
+    pg.get_by_role("button", name="Generate the large image").click()
+    pg.get_by_text(re.compile(r"384 x 384 px, \d levels")).wait_for()
+    settle(pg)
+    viewer = pg.locator(".pixgen-viewer")
+    status = viewer.locator(".pixgen-viewer-status")
+    status.wait_for()
+    fitted = (status.inner_text(), float(viewer.get_attribute("data-zoom")))
+    viewer.get_by_title("zoom out").click()
+    viewer.get_by_title("zoom out").click()
+    assert float(viewer.get_attribute("data-zoom")) == pytest.approx(fitted[1] / 4, rel=1e-3)
+    assert viewer.get_attribute("data-level") != "0"  # seen small: a coarser pyramid level is drawn
+    box = viewer.locator("canvas").bounding_box()
+    pg.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    for _ in range(12):
+        pg.mouse.wheel(0, -200)
+        pg.wait_for_timeout(100)
+    zoomed = (status.inner_text(), float(viewer.get_attribute("data-zoom")), viewer.get_attribute("data-level"))
+    assert zoomed[1] > 2 * fitted[1] and zoomed[2] == "0" and zoomed[0] != fitted[0]  # closer, at full resolution
+    pg.mouse.down()
+    pg.mouse.move(box["x"] + box["width"] / 2 - 150, box["y"] + box["height"] / 2 - 80, steps=5)
+    pg.mouse.up()
+    panned = status.inner_text()
+    assert panned != zoomed[0] and float(viewer.get_attribute("data-zoom")) == zoomed[1]  # moved, same zoom
+    pg.screenshot(path=str(shots / "large_image.jpg"), type="jpeg", quality=80)
+    for name in ("cancel", "generate", "paint", "large_image"):
+        assert (shots / f"{name}.jpg").stat().st_size > 10_000

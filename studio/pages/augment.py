@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from pixgen.io import SetManifest, load_image
-from pixgen.synth import load_spec, run_synth
+from pixgen.synth import cut_reference_tiles, load_spec, run_synth
 from studio import core, jobs
 
 SOURCES = {"variations": "variations of its images", "interpolations": "interpolations between its images",
@@ -23,8 +23,12 @@ def write_spec(folder: Path, model: str, plan: dict, preview: bool, seed: int, s
     for name, p in plan.items():
         count = min(2, p["count"]) if preview else p["count"]
         originals = jobs.pick_originals(p["images"], p["originals"], seed, folder / "originals" / name)
-        if p["source"] == "variations":
-            classes[name] = {"count": count, "reference": str(originals)}
+        if p["source"] == "variations":  # references at the model's size and mpp: img2img starts from them
+            tiles = folder / "tiles" / name
+            cut_reference_tiles(sorted(originals.iterdir()), tiles, size=gen.config["image_size"],
+                                mpp=gen.config.get("mpp") or source_mpp, source_mpp=source_mpp)
+            classes[name] = {"count": count, "reference": str(tiles),
+                             **({"strength": p["strength"]} if p["strength"] < 1 else {})}
         elif p["source"] == "interpolations":
             emb = jobs.interpolated_embeddings(gen, sorted(originals.iterdir()), p["count"], p["mix"], seed,
                                                folder / f"{name}.safetensors")
@@ -37,6 +41,7 @@ def write_spec(folder: Path, model: str, plan: dict, preview: bool, seed: int, s
 
 
 def run(preview: bool) -> None:
+    st.session_state.pop("augment_out", None)  # a run cancelled or refused shows no earlier set as its result
     folder = core.new_run_folder("augment")
     folder.mkdir()
     spec = write_spec(folder, core.model_path(source), plan, preview, seed, steps, guidance)
@@ -59,17 +64,27 @@ with core.shown_errors():
     plan = {}
     for name, images in classes.items():
         with st.expander(f"{name}: {len(images)} images", expanded=True):
-            c1, c2, c3, c4 = st.columns(4)
+            c1, c2, c3, c4, c5 = st.columns(5)
             options = [k for k in SOURCES if k != "prior" or name in labels]
             kind = c1.selectbox("Source", options, format_func=SOURCES.get, key=f"aug_src_{name}",
                                 help="prior samples need a class named like a model label (`pixgen info`)")
             count = c2.number_input("Images", 1, 100000, 8, key=f"aug_n_{name}")
             originals = c3.number_input("Originals used", 1, len(images), min(16, len(images)), key=f"aug_orig_{name}",
                                         disabled=kind == "prior")
-            mix = c4.slider("Distance from the originals", 0.0, 0.5, 0.25, key=f"aug_mix_{name}",
+            strength = c4.slider("Variation strength", 0.05, 1.0, 1.0, step=0.05, key=f"aug_strength_{name}",
+                                 disabled=kind != "variations",
+                                 help="how far from the original: img2img from its tile (0.3 stays close to it; "
+                                      "1 = from noise, only its embedding is kept)")
+            mix = c5.slider("Interpolation distance", 0.0, 0.5, 0.25, key=f"aug_mix_{name}",
                             disabled=kind != "interpolations",
                             help="interpolation weight towards a second image of the class (0: the first image's embedding)")
-            plan[name] = {"images": images, "source": kind, "count": count, "originals": originals, "mix": mix}
+            plan[name] = {"images": images, "source": kind, "count": count, "originals": originals, "mix": mix,
+                          "strength": strength}
+    model_mpp = gen.config.get("mpp")
+    source_mpp = st.number_input(
+        "Resolution of the originals (um/px)", 0.05, 10.0, float(model_mpp or 0.5), step=0.05, key="aug_mpp",
+        help=f"variations are cut from the originals into {gen.config['image_size']} px tiles at the model's "
+             f"{model_mpp} um/px; LC25000 is taken as 0.5, a 40x scan is about 0.25")
     c1, c2, c3 = st.columns(3)
     steps = c1.number_input("Steps", 1, 200, int(gen.config["num_inference_steps"]), key="aug_steps")
     guidance = c2.number_input("Guidance", 0.0, 20.0, float(gen.config["guidance_scale"]), step=0.25)
@@ -87,7 +102,10 @@ if "augment_out" in st.session_state:
         out = Path(st.session_state["augment_out"])
         manifest = SetManifest.load(out)
         st.subheader(f"{len(manifest.files)} images in {len(manifest.spec['classes'])} classes")
-        st.table([{"class": name, "images": c["count"], "source": c["kind"]} for name, c in manifest.spec["classes"].items()])
+        strengths = {c["name"]: c.get("strength") for c in manifest.spec["spec"]["classes"]}
+        st.table([{"class": name, "images": c["count"], "source": c["kind"],
+                   "strength": f"{strengths.get(name) or 1:g}" if c["kind"] == "reference" else ""}
+                  for name, c in manifest.spec["classes"].items()])
         paths = manifest.image_paths(out)
         cols = st.columns(6)
         for i, (path, entry) in enumerate(zip(paths[:48], manifest.files)):

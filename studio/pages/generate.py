@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from pixgen.io import SetManifest, read_provenance
+from pixgen.sets import write_set
 from studio import core, jobs
 
 st.header("Generate")
@@ -47,21 +48,33 @@ with core.shown_errors():
             args = jobs.cli_args([*argv, "--out", core.new_run_folder("generate")])
             args.token = token
             conditions = len(args.reference or []) or 1
+            st.session_state.pop("generate_out", None)  # a refused request shows no earlier set as its result
             with core.running("cancel_generate", -(-n * conditions // args.batch_size) * steps) as progress:
-                st.session_state["generate_out"] = str(jobs.generate_set(gen, args, callback=progress))
+                # shown from the first batch on: a cancelled set appears as what it is, incomplete
+                st.session_state["generate_out"] = str(args.out)
+                write_set(gen, args, callback=progress, progress=False)
+
+def show_set(out: Path) -> None:
+    """The set's images with their provenance (only the finished ones of a set broken off), and its zip."""
+    manifest = SetManifest.load(out)
+    if manifest.complete:
+        st.subheader(f"{len(manifest.files)} images")
+    else:
+        st.subheader(f"Incomplete set (cancelled): {len(manifest.files)} images finished")
+        st.warning("This set was broken off: only its finished images are shown, and its manifest says complete: false.")
+    paths = manifest.image_paths(out) if manifest.complete else [out / e.file for e in manifest.files]
+    cols = st.columns(4)
+    for i, (path, entry) in enumerate(zip(paths, manifest.files)):
+        with cols[i % 4]:
+            cond = Path(entry.condition.id).name if entry.condition.kind == "reference" else entry.condition.id
+            st.image(str(path), caption=f"{entry.file} · seed {entry.seed} · {entry.condition.kind} {cond}")
+            with st.expander("provenance"):
+                st.json(read_provenance(path), expanded=False)
+    st.download_button("Download the set (zip: images + manifest.json)", core.zip_folder(out),
+                       file_name=f"pixgen-set-{out.name}.zip", mime="application/zip")
+
 
 if "generate_out" in st.session_state:
-    with core.shown_errors():
-        out = Path(st.session_state["generate_out"])
-        manifest = SetManifest.load(out)
-        st.subheader(f"{len(manifest.files)} images")
-        paths = manifest.image_paths(out)
-        cols = st.columns(4)
-        for i, (path, entry) in enumerate(zip(paths, manifest.files)):
-            with cols[i % 4]:
-                cond = Path(entry.condition.id).name if entry.condition.kind == "reference" else entry.condition.id
-                st.image(str(path), caption=f"{entry.file} · seed {entry.seed} · {entry.condition.kind} {cond}")
-                with st.expander("provenance"):
-                    st.json(read_provenance(path), expanded=False)
-        st.download_button("Download the set (zip: images + manifest.json)", core.zip_folder(out),
-                           file_name=f"pixgen-set-{out.name}.zip", mime="application/zip")
+    with core.shown_errors(), core.settled():
+        if SetManifest.exists(st.session_state["generate_out"]):  # none when a run was refused or stopped before its first image
+            show_set(Path(st.session_state["generate_out"]))

@@ -52,6 +52,7 @@ with core.shown_errors():
     steps = c4.number_input("Steps", 1, 200, int(gen.config["num_inference_steps"]), key="paint_steps")
     scale = c5.number_input("Mask strength", 0.0, 2.0, 1.0, step=0.1)
     if st.button("Generate tissue", type="primary", disabled=layouts is None, key="paint_go"):
+        st.session_state.pop("paint_out", None)  # a run cancelled or refused shows no earlier pairs as its result
         folder = core.new_run_folder("paint")
         masks = jobs.save_layout(layouts[0], folder / "input") if how == "draw" else folder / "input"
         if how != "draw":

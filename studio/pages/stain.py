@@ -54,6 +54,7 @@ with core.shown_errors():
     steps = c1.number_input("Steps", 1, 200, 20, key="stain_steps")
     seed = c2.number_input("Seed", 0, 2**53 - 1, 0, key="stain_seed")
     if st.button("Stain", type="primary", disabled=not uploads, key="stain_go"):
+        st.session_state.pop("stain_out", None)  # a run cancelled or refused shows no earlier result as its own
         paths = [core.save_upload(f, "he") for f in uploads]
         with core.running("cancel_stain", -(-len(paths) // 8) * steps) as progress, core.count_model_calls(progress):
             result = pipe.run(paths, to, seed=seed, num_inference_steps=steps, names=[p.name for p in paths])
