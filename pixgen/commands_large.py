@@ -3,11 +3,12 @@
 A command of its own rather than options on ``generate``: ``generate`` writes a set of tiles with
 a manifest, this writes one slide-like file from a layout. The layout is one of
 ``--from-slide`` (the synthetic twin of a slide region), ``--label-map`` (painted regions) or
-``--label`` / ``--reference`` (one condition varying smoothly).
+``--label`` / ``--prompt`` / ``--reference`` (one condition varying smoothly).
 
 Example:
     $ pixgen large --from-slide slide.svs --region 0,0,2000,2000 --out twin.ome.tiff --steps 10
     $ pixgen large --label lung_aca --size 2048 --out big.ome.tiff
+    $ pixgen large --prompt "colon, inflammatory-rich" --size 1024 --out infl.ome.tiff
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-slide", help="a whole-slide image: generate the synthetic twin of --region")
-    src.add_argument("--label", help="a label of the model's embedding bank, varying smoothly over the canvas")
+    src.add_argument("--label", help="a label of the model (its prior, else its bank), varying smoothly over the canvas")
+    src.add_argument("--prompt", help="a prompt in the prior's vocabulary (`pixgen info`), varying smoothly over the canvas")
     src.add_argument("--reference", help="a reference image (the same condition everywhere; only the noise varies)")
-    src.add_argument("--label-map", help="a small image whose colours name labels (see --colours)")
+    src.add_argument("--label-map", help="a small image whose colours name labels or prompts (see --colours)")
     p.add_argument("--region", help="x,y,w,h in level-0 pixels of --from-slide (default: the whole slide)")
     p.add_argument("--slide-mpp", "--mpp", dest="mpp", type=float,
                    help="the slide's level-0 microns per pixel, when its file does not record it")
-    p.add_argument("--size", help="output size N or WxH in pixels (default: the layout's; needed for --label/--reference)")
-    p.add_argument("--colours", nargs="+", default=[], help="label-map colours: 'R,G,B=label' ...")
+    p.add_argument("--size", help="output size N or WxH in pixels (default: the layout's; needed for --label/--prompt/--reference)")
+    p.add_argument("--colours", nargs="+", default=[],
+                   help="label-map colours: 'R,G,B=label' or 'R,G,B=prompt' (e.g. '255,0,0=colon, inflammatory-rich') ...")
     p.add_argument("--cells-per-pixel", type=int, default=1, help="label map: model windows per map pixel (per side)")
-    p.add_argument("--period", type=int, default=4, help="--label: windows between independent draws (slerp between)")
+    p.add_argument("--period", type=int, default=4,
+                   help="--label / --prompt: windows between independent draws (slerp between)")
     p.add_argument("--overlap", type=int, help="window overlap in latents (default: a quarter of the window; 0 = naive tiling)")
     p.add_argument("--quality", help="fast, balanced or best: a measured sampler preset (docs/benchmarks.md; "
                    "default: the model's own sampler, as the seam measurements in docs/large-images.md)")
@@ -133,7 +137,7 @@ def run_large(args: argparse.Namespace) -> int:
     layout, real = build_layout(gen, slide=args.from_slide, region=region, slide_mpp=args.mpp, label_map=args.label_map,
                                 colours=parse_colours(args.colours) if args.label_map else None,
                                 cells_per_pixel=args.cells_per_pixel, label=args.label, reference=args.reference,
-                                size=size, period=args.period, seed=args.seed)
+                                prompt=args.prompt, size=size, period=args.period, seed=args.seed)
     height, width = size or layout.size
     if height % layout.cell or width % layout.cell or (height, width) != layout.size:
         print(f"note: {width}x{height} px is not the layout's {layout.size[1]}x{layout.size[0]} px; windows past the "

@@ -245,23 +245,26 @@ def layout_from_label_map(gen: Generator, label_map: Any, colours: dict[tuple[in
 def build_layout(gen: Generator, *, slide: str | Path | None = None, region: tuple[int, int, int, int] | None = None,
                  slide_mpp: float | None = None, label_map: Any = None,
                  colours: dict[tuple[int, int, int], str] | None = None, cells_per_pixel: int = 1,
-                 label: str | None = None, reference: Any = None, size: tuple[int, int] | None = None,
-                 period: int = 4, seed: int = 0) -> tuple[Layout, np.ndarray | None]:
+                 label: str | None = None, reference: Any = None, prompt: str | None = None,
+                 size: tuple[int, int] | None = None, period: int = 4, seed: int = 0) -> tuple[Layout, np.ndarray | None]:
     """The layout of one large image from one source, and the real region for a slide (else None):
 
     - ``slide`` (+ ``region`` x, y, w, h in level-0 px, ``slide_mpp``): its synthetic twin
       (:func:`layout_from_slide`);
-    - ``label_map`` + ``colours``: painted regions (:func:`layout_from_label_map`);
-    - ``label`` (the model's prior when it has one, else bank draws) or ``reference`` (an image),
-      varying smoothly over ``size`` = (height, width) (:func:`layout_from_condition`).
+    - ``label_map`` + ``colours``: painted regions, each colour a label or a prompt
+      (:func:`layout_from_label_map`);
+    - ``label`` (the model's prior when it has one, else bank draws), ``prompt`` (the prior's
+      vocabulary) or ``reference`` (an image), varying smoothly over ``size`` = (height, width)
+      (:func:`layout_from_condition`).
 
     ``pixgen large`` and the studio's Large image page both build their layout here.
 
     Example:
         >>> layout, real = build_layout(gen, label="lung_aca", size=(512, 512))        # doctest: +SKIP
+        >>> layout, real = build_layout(gen, prompt="colon, inflammatory-rich", size=(512, 512))  # doctest: +SKIP
         >>> layout, real = build_layout(gen, slide="cmu-1-small-region.svs", region=(0, 0, 512, 512))  # doctest: +SKIP
     """
-    from pixgen.conditioning import Reference, from_keywords
+    from pixgen.conditioning import PriorSample, Reference, from_keywords
 
     if slide is not None:
         return layout_from_slide(gen, slide, region, slide_mpp=slide_mpp)
@@ -270,8 +273,11 @@ def build_layout(gen: Generator, *, slide: str | Path | None = None, region: tup
             raise InputError("a label map needs its colours (--colours 'R,G,B=label' for each colour)")
         return layout_from_label_map(gen, label_map, colours, cell_pixels=cells_per_pixel, seed=seed), None
     if size is None:
-        raise InputError("a label or reference layout needs a size (--size)", fix="e.g. --size 2048 or --size 2048x1024")
-    cond = from_keywords(gen, label=label) if label else Reference([reference])  # prior if the model has one
+        raise InputError("a label, prompt or reference layout needs a size (--size)", fix="e.g. --size 2048 or --size 2048x1024")
+    if prompt is not None:
+        cond = PriorSample(prompt=prompt)
+    else:
+        cond = from_keywords(gen, label=label) if label else Reference([reference])  # prior if the model has one
     return layout_from_condition(gen, cond, *size, period=period, seed=seed), None
 
 

@@ -309,3 +309,19 @@ def test_label_map_regions_take_labels_or_prompts_of_the_prior():
     assert torch.allclose(lay.grid[0, 0], PriorSample(label="A").resolve(g, [5]).values[0, 0])
     with pytest.raises(InputError, match="does not know: purple"):
         layout_from_label_map(g, lmap, {red: "A", blue: "purple"})
+
+
+def test_cli_prompt_layout_uses_the_prior_and_refuses_unknown_words(tmp_path):
+    from test_prior import tiny_prior  # tests/ is on sys.path (pytest rootdir)
+
+    from pixgen.cli import main
+    from pixgen.testing import tiny_generator
+
+    g = tiny_generator()
+    g.prior = tiny_prior()
+    model = g.save_pretrained(tmp_path / "m")
+    base = ["large", "--model", str(model), "--size", "64", "--steps", "1", "--tile", "16"]
+    assert main(base + ["--prompt", "alpha, crowded", "--out", str(tmp_path / "a.ome.tiff")]) == 0
+    assert (tmp_path / "a.ome.tiff").is_file()
+    assert main(base + ["--prompt", "alpha, purple", "--out", str(tmp_path / "b.ome.tiff")]) == 1
+    assert not (tmp_path / "b.ome.tiff").exists()  # an unknown word: refused before anything is written

@@ -242,6 +242,20 @@ def test_large_image_from_a_class_map_and_a_slide_region(studio_env):
     assert at.subheader[0].value.startswith("256 x 256 px")
 
 
+def test_large_image_from_a_prompt_and_an_unknown_word(studio_env):
+    at = page("large_image")
+    at.radio(key="large_how").set_value("a prompt").run()
+    at.number_input(key="large_prompt_size").set_value(256)
+    at.number_input(key="large_steps").set_value(1)
+    at.text_input(key="large_prompt").set_value("colon, spindle").run()
+    at.button(key="large_go").click().run()
+    shown_ok(at)
+    assert at.subheader[0].value.startswith("256 x 256 px")
+    at.text_input(key="large_prompt").set_value("colon, purple").run()
+    at.button(key="large_go").click().run()
+    assert not at.exception and "purple" in at.error[0].value
+
+
 def test_folders_outside_the_root_are_refused(studio_env, shared_data):
     at = page("large_image")
     at.radio(key="large_how").set_value("a slide region").run()

@@ -17,19 +17,27 @@ with core.shown_errors():
     source, token = core.model_picker()
     gen = core.load_generator(source, token)
     labels = gen.labels
-    how = st.radio("Layout", ["a label", "a slide region", "a painted class map"], horizontal=True, key="large_how")
+    how = st.radio("Layout", ["a label", "a prompt", "a slide region", "a painted class map"], horizontal=True,
+                   key="large_how")
     source_kw = {}  # what pixgen.large.build_layout builds the layout from
     if how == "a label":
         c1, c2 = st.columns(2)
         size = c2.number_input("Size (px, square)", 64, 8192, 512, step=64, key="large_size")
         source_kw = {"label": c1.selectbox("Label", labels, key="large_label"), "size": (size, size)}
+    elif how == "a prompt":
+        c1, c2 = st.columns(2)
+        size = c2.number_input("Size (px, square)", 64, 8192, 512, step=64, key="large_prompt_size")
+        prompt = c1.text_input("Prompt", "colon, inflammatory-rich", help="the prior's vocabulary: `pixgen info`",
+                               key="large_prompt")
+        source_kw = {"prompt": prompt, "size": (size, size)}
     elif how == "a slide region":
         slide = st.text_input("Slide (under the data root)", "slides/cmu-1-small-region.svs", key="large_slide")
         region = st.text_input("Region x,y,w,h (level-0 px)", "500,1000,512,512", key="large_region")
         source_kw = {"slide": core.under_root(slide, "slide"), "region": parse_region(region)}
     else:
         upload = st.file_uploader("Class map (a small PNG: one pixel per model window)", type=["png"], key="large_map")
-        colours = st.text_area("Colours, one per line: R,G,B=label", "255,0,0=lung_scc\n0,0,255=lung_n", key="large_colours")
+        colours = st.text_area("Colours, one per line: R,G,B=label or R,G,B=prompt", "255,0,0=lung_scc\n0,0,255=lung_n",
+                               key="large_colours")
         if upload:
             source_kw = {"label_map": core.save_upload(upload, "label-maps"),
                          "colours": parse_colours([line.strip() for line in colours.splitlines() if line.strip()])}
