@@ -45,7 +45,7 @@ from pixgen.io.int8 import INT8_WEIGHTS, load_model
 __all__ = [
     "CLASSES", "MASK_CHANNELS", "PALETTE", "MaskFormat", "Layout", "encode_masks", "check_layout",
     "downsample_layout", "fit_layout", "load_layout", "load_layouts", "control_channels", "colour_layout",
-    "BUNDLED_MASK_MODEL", "attach_mask_model", "base_digest", "generate_pairs", "run_mask_generate",
+    "BUNDLED_MASK_MODEL", "attach_mask_model", "base_digest", "generate_pairs", "write_pair_set", "run_mask_generate",
 ]
 
 CLASSES = ("background", "other", "inflammatory", "epithelial", "spindle-shaped")
@@ -402,6 +402,29 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
     return result
 
 
+def write_pair_set(gen: Any, layouts: Sequence[Layout], out: str | Path, manifest: Any, *, overwrite: bool = False,
+                   started: float | None = None, **pairs: Any) -> Any:
+    """A finished paired set in ``out`` (refused if it exists, unless ``overwrite``): the
+    :class:`pixgen.io.SetWriter` around :func:`generate_pairs` (``pairs``: its keywords), with
+    ``manifest`` and the wall time since ``started`` (``time.perf_counter()``; default: now).
+    ``pixgen generate --mask`` and the studio's Paint page write their sets here.
+
+    Example:
+        >>> write_pair_set(attach_mask_model(gen), load_layouts("consep/test"), "pairs", manifest, label="consep")  # doctest: +SKIP
+    """
+    import time
+
+    from pixgen.io import SetWriter, check_output_folder
+
+    started = time.perf_counter() if started is None else started
+    out = check_output_folder(out, overwrite)
+    with SetWriter.create(out, manifest, overwrite=overwrite) as writer:
+        result = generate_pairs(gen, layouts, writer, **pairs)
+        writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
+                      seconds=time.perf_counter() - started)
+    return result
+
+
 def run_mask_generate(args: Any, set_manifest: Any) -> int:
     """``pixgen generate --mask FILE_OR_DIR`` (``--n`` images per mask) / ``--sample-masks N``
     (N layouts, one image each): a paired set (see :func:`generate_pairs`);
@@ -410,12 +433,12 @@ def run_mask_generate(args: Any, set_manifest: Any) -> int:
 
     import torch
 
-    from pixgen.io import SetWriter, check_output_folder
+    from pixgen.io import check_output_folder
     from pixgen.pipeline import Generator
 
     if args.mask and args.sample_masks:
         raise InputError("--mask and --sample-masks are exclusive", fix="load masks or sample them, not both")
-    out = check_output_folder(args.out, args.overwrite)
+    out = check_output_folder(args.out, args.overwrite)  # before the model loads: fail fast
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(args.model, token=args.token, vae_path=args.vae_path, encoder_path=args.encoder_path,
                                     device=args.device, dtype=getattr(torch, args.dtype),
@@ -435,12 +458,10 @@ def run_mask_generate(args: Any, set_manifest: Any) -> int:
         layouts = [sampler.sample(args.seed + i) for i in range(args.sample_masks)]
         label = args.label or (args.tissue if gen.embedding_bank and args.tissue in gen.embedding_bank.entries else None)
     args.control_image = [args.mask or f"sampled:{args.tissue}"]  # recorded as the set's control input
-    with SetWriter.create(out, set_manifest(args, gen), overwrite=args.overwrite) as writer:
-        result = generate_pairs(gen, layouts, writer, label=label, n=1 if args.sample_masks else args.n, seed=args.seed,
-                                control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
-                                batch_size=args.batch_size)
-        writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
-                      seconds=time.perf_counter() - t0)
+    result = write_pair_set(gen, layouts, out, set_manifest(args, gen), overwrite=args.overwrite, started=t0,
+                            label=label, n=1 if args.sample_masks else args.n, seed=args.seed,
+                            control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
+                            batch_size=args.batch_size)
     print(f"wrote {len(result.images)} paired images (images/, inst/{', types/' if (out / 'types').is_dir() else ''}) "
           f"and manifest.json to {out}")
     return 0

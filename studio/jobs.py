@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,22 +41,16 @@ def cli_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def mask_pairs(gen: Any, args: argparse.Namespace, layouts: list[Any], label: str | None) -> Path:
     """``pixgen generate --mask`` with an already loaded ``gen``: a paired set (images/, inst/,
-    types/, manifest) of ``args.n`` images per layout, written by :func:`pixgen.masks.generate_pairs`."""
-    from pixgen.io import SetWriter, check_output_folder
-    from pixgen.masks import BUNDLED_MASK_MODEL, attach_mask_model, generate_pairs
+    types/, manifest) of ``args.n`` images per layout, written by :func:`pixgen.masks.write_pair_set`."""
+    from pixgen.masks import BUNDLED_MASK_MODEL, attach_mask_model, write_pair_set
     from pixgen.sets import set_manifest
 
     if gen.controlnet is None or gen.controlnet.mask_encoder is None:
         attach_mask_model(gen, args.mask_model or BUNDLED_MASK_MODEL)
-    out = check_output_folder(args.out, args.overwrite)
-    t0 = time.perf_counter()
-    with SetWriter.create(out, set_manifest(args, gen), overwrite=args.overwrite) as writer:
-        result = generate_pairs(gen, layouts, writer, label=label, n=args.n, seed=args.seed,
-                                control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
-                                batch_size=args.batch_size)
-        writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
-                      seconds=time.perf_counter() - t0)
-    return out
+    write_pair_set(gen, layouts, args.out, set_manifest(args, gen), overwrite=args.overwrite, label=label, n=args.n,
+                   seed=args.seed, control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
+                   batch_size=args.batch_size)
+    return Path(args.out)
 
 
 def save_layout(layout: Any, folder: Path) -> Path:
