@@ -168,14 +168,15 @@ def image_adherence(gen, segmenter, base: str = "colon", terms: Sequence[str] = 
 
 
 def label_fidelity(model: str | Path, classifier: str | Path, test_tiles: str | Path, n: int,
-                   steps: int | None, batch_size: int = 8, from_bank: bool = False) -> dict:
+                   steps: int | None, batch_size: int = 8, from_bank: bool = False, quality: str | None = None) -> dict:
     """Classifier accuracy on ``n`` images per label generated from prior samples (or bank draws)
-    vs on the real held-out tiles."""
+    vs on the real held-out tiles; sampled as the commands do (``quality``: a preset, default
+    ``pixgen.sampling.DEFAULT_QUALITY``; ``steps`` replaces its step count)."""
     from metrics.classifier import ClassifierDetector, preprocess, score_classifier
     from pixgen.conditioning import BankDraw, PriorSample
     from pixgen.pipeline import Generator
 
-    gen = Generator.from_pretrained(model)
+    gen = Generator.from_pretrained(model).use_sampling(quality)
     det = ClassifierDetector(classifier)
     real = score_classifier(classifier, test_tiles)
     per_class = {}
@@ -188,7 +189,8 @@ def label_fidelity(model: str | Path, classifier: str | Path, test_tiles: str | 
             pred = det.model(preprocess(x, det.input_size)).argmax(1).numpy()
         per_class[label] = float((pred == k).mean())
     acc = float(np.mean(list(per_class.values())))
-    return {"source": "bank" if from_bank else "prior", "n_per_label": n, "steps": steps,
+    return {"source": "bank" if from_bank else "prior", "n_per_label": n, "steps": steps or gen.config["num_inference_steps"],
+            "quality": gen.config.get("quality"),
             "accuracy": acc, "per_class": per_class, "real_accuracy": real["balanced_accuracy"],
             "real_per_class": real["per_class"], "ratio": acc / real["balanced_accuracy"]}
 
@@ -267,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16, help="generated images per label for label fidelity")
     ap.add_argument("--segmenter", type=Path, help="typed metrics.nuclei segmenter (image_adherence), e.g. metrics/weights/nuclei-types")
     ap.add_argument("--adherence-images", type=int, default=32, help="images per prompt for image_adherence")
-    ap.add_argument("--steps", type=int, help="generator sampling steps (default: the model's)")
+    ap.add_argument("--steps", type=int, help="generator sampling steps (default: the quality preset's)")
+    ap.add_argument("--quality", help="quality preset for image_adherence and fidelity (default: the commands' default)")
     ap.add_argument("--bank", action="store_true", help="also measure label fidelity of bank draws")
     ap.add_argument("--train-tiles", type=Path, help="the real training tiles, one subfolder per label (utility)")
     ap.add_argument("--sets", type=Path, help="folder for the utility section's synthetic sets (prior/, bank/)")
@@ -298,15 +301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pixgen.pipeline import Generator
 
         t1 = time.perf_counter()
-        report["image_adherence"] = image_adherence(Generator.from_pretrained(prior_model), NucleiSegmenter.load(args.segmenter),
-                                                    n=args.adherence_images)
+        gen = Generator.from_pretrained(prior_model).use_sampling(args.quality)
+        report["image_adherence"] = image_adherence(gen, NucleiSegmenter.load(args.segmenter), n=args.adherence_images)
+        report["image_adherence"]["_base"].update(quality=gen.config.get("quality"), steps=gen.config["num_inference_steps"])
         report["image_adherence"]["_base"]["seconds"] = round(time.perf_counter() - t1, 1)
         args.out.write_text(json.dumps(report, indent=1))
     if args.classifier and "fidelity" in sections:
-        report["label_fidelity"] = [label_fidelity(prior_model, args.classifier, args.test_tiles, args.images, args.steps)]
+        report["label_fidelity"] = [label_fidelity(prior_model, args.classifier, args.test_tiles, args.images, args.steps,
+                                                   quality=args.quality)]
         if args.bank:
             report["label_fidelity"].append(label_fidelity(args.model, args.classifier, args.test_tiles, args.images,
-                                                           args.steps, from_bank=True))
+                                                           args.steps, from_bank=True, quality=args.quality))
     if "utility" in sections:
         if not (args.train_tiles and args.test_tiles and args.sets):
             ap.error("the utility section needs --train-tiles, --test-tiles and --sets")
