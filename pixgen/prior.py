@@ -255,8 +255,10 @@ class EmbeddingPrior:
                                  fix="re-export it (python -m recipes.prior) or remove the prior/ folder") from err
 
     def describe(self) -> dict:
-        """Labels and vocabulary, for ``pixgen info``."""
-        return {"labels": {k: " + ".join(v) for k, v in self.vocabulary.labels.items()},
+        """Labels (with their own temperature, where one is set) and vocabulary, for ``pixgen info``."""
+        temps = self.label_temperatures
+        return {"labels": {k: " + ".join(v) + (f" (temperature {temps[k]:g})" if k in temps else "")
+                           for k, v in self.vocabulary.labels.items()},
                 "terms": {t.name: f"[{t.group}] {t.meaning}" + (f" (also: {', '.join(t.aliases)})" if t.aliases else "")
                           for t in self.vocabulary.terms},
                 "stop_words": sorted(STOP_WORDS), "steps": self.steps, "guidance": self.guidance,

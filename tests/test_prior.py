@@ -98,6 +98,7 @@ def test_label_temperatures_scale_their_labels_rows_and_round_trip(gen, tmp_path
     torch.testing.assert_close(path, torch.stack([after[0], prior.sample(b, [4])[0]]))  # ends = the two samples
     loaded = EmbeddingPrior.load(prior.save(tmp_path / "p"))
     assert loaded.label_temperatures == {"A": 0.5} and loaded.describe()["label_temperatures"] == {"A": 0.5}
+    assert loaded.describe()["labels"] == {"A": "a (temperature 0.5)", "B": "b"}  # what `pixgen info` lists
     with pytest.raises(ModelLoadError, match="unknown labels"):
         EmbeddingPrior(prior.flow, prior.vocabulary, prior.mean, prior.std, label_temperatures={"C": 1.0})
 
