@@ -21,7 +21,9 @@ Per label (docs/prior.md):
   ``colon`` and ``n`` of ``colon, TERM`` from the same seeds (the model's default quality preset),
   each segmented by the type-aware nuclei segmenter (``metrics.nuclei``, :data:`TERM_PROPERTIES`
   names the property each term should move: a type's share of the nuclei, or the nuclei count);
-  the paired shift with a 95 % bootstrap interval, and whether it goes the expected way;
+  the paired shift with a 95 % bootstrap interval, and whether it goes the expected way; with
+  ``--test-tiles`` and ``--data``, the same properties of the real held-out CoNSeP tiles with vs
+  without each term (terms from their true masks): the difference the images should approach;
 * ``label_fidelity`` (with ``--classifier``): images generated from prior samples, classified by
   the independent classifier (``metrics.classifier``), accuracy vs its accuracy on real held-out tiles;
 * ``utility`` (with ``--train-tiles``, ``--test-tiles``, ``--sets``): two synthetic sets of the same
@@ -45,7 +47,8 @@ import torch
 
 from pixgen.prior import EmbeddingPrior
 
-__all__ = ["embedding_report", "adherence_report", "nuclear_properties", "image_adherence", "label_fidelity",
+__all__ = ["embedding_report", "adherence_report", "nuclear_properties", "image_adherence", "real_term_differences",
+           "label_fidelity",
            "with_prior", "utility_report", "main"]
 
 MASK_TERMS = ("inflammatory-rich", "epithelial", "spindle", "sparse", "dense")
@@ -167,6 +170,47 @@ def image_adherence(gen, segmenter, base: str = "colon", terms: Sequence[str] = 
     return out
 
 
+def real_term_differences(segmenter, images: Sequence[np.ndarray], terms: Sequence[Sequence[str]],
+                          mask_terms: Sequence[str] = MASK_TERMS, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per term: the :data:`TERM_PROPERTIES` property of real ``images`` (HWC uint8) measured by
+    ``segmenter``, mean over the images whose ``terms`` (from their true masks) hold the term minus
+    the mean over the others, with a 95 % bootstrap interval (each group resampled on its own).
+
+    Example:
+        >>> real_term_differences(NucleiSegmenter.load(TYPED), tiles, tile_terms)   # doctest: +SKIP
+    """
+    props = nuclear_properties(segmenter.classify(list(images)))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for term in mask_terms:
+        prop, _ = TERM_PROPERTIES[term]
+        has, ok = np.array([term in t for t in terms]), np.isfinite(props[prop])
+        a, b = props[prop][ok & has], props[prop][ok & ~has]
+        if not (len(a) and len(b)):
+            out[term] = {"property": prop, "n_with": int(len(a)), "n_without": int(len(b)), "difference": None}
+            continue
+        boots = [rng.choice(a, len(a)).mean() - rng.choice(b, len(b)).mean() for _ in range(n_boot)]
+        out[term] = {"property": prop, "n_with": int(len(a)), "n_without": int(len(b)), "with": float(a.mean()),
+                     "without": float(b.mean()), "difference": {"value": float(a.mean() - b.mean()),
+                                                                "ci": [float(np.percentile(boots, 2.5)),
+                                                                       float(np.percentile(boots, 97.5))],
+                                                                "n_boot": n_boot}}
+    return out
+
+
+def _real_consep(test_tiles: Path, data: Path) -> tuple[list[np.ndarray], list[list[str]]]:
+    """The held-out CoNSeP tiles (``test_tiles/consep/*.png``, ``recipes.default_models`` order) and their mask terms."""
+    from PIL import Image
+
+    from recipes.prior import _field_terms
+
+    files = sorted((Path(test_tiles) / "consep").glob("*.png"))
+    terms = _field_terms(Path(data), "test")["consep"]
+    if len(files) != len(terms):
+        raise ValueError(f"{len(files)} CoNSeP test tiles but {len(terms)} CoNSeP test fields in {data}")
+    return [np.array(Image.open(f).convert("RGB")) for f in files], terms
+
+
 def label_fidelity(model: str | Path, classifier: str | Path, test_tiles: str | Path, n: int,
                    steps: int | None, batch_size: int = 8, from_bank: bool = False, quality: str | None = None) -> dict:
     """Classifier accuracy on ``n`` images per label generated from prior samples (or bank draws)
@@ -269,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=16, help="generated images per label for label fidelity")
     ap.add_argument("--segmenter", type=Path, help="typed metrics.nuclei segmenter (image_adherence), e.g. metrics/weights/nuclei-types")
     ap.add_argument("--adherence-images", type=int, default=32, help="images per prompt for image_adherence")
+    ap.add_argument("--adherence-terms", default=",".join(MASK_TERMS), help="comma-separated terms for image_adherence")
     ap.add_argument("--steps", type=int, help="generator sampling steps (default: the quality preset's)")
     ap.add_argument("--quality", help="quality preset for image_adherence and fidelity (default: the commands' default)")
     ap.add_argument("--bank", action="store_true", help="also measure label fidelity of bank draws")
@@ -302,8 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         t1 = time.perf_counter()
         gen = Generator.from_pretrained(prior_model).use_sampling(args.quality)
-        report["image_adherence"] = image_adherence(gen, NucleiSegmenter.load(args.segmenter), n=args.adherence_images)
+        report["image_adherence"] = image_adherence(gen, NucleiSegmenter.load(args.segmenter), n=args.adherence_images,
+                                                    terms=args.adherence_terms.split(","))
         report["image_adherence"]["_base"].update(quality=gen.config.get("quality"), steps=gen.config["num_inference_steps"])
+        if args.test_tiles and args.data:
+            seg = NucleiSegmenter.load(args.segmenter)
+            report["image_adherence"]["_real"] = real_term_differences(seg, *_real_consep(args.test_tiles, args.data))
         report["image_adherence"]["_base"]["seconds"] = round(time.perf_counter() - t1, 1)
         args.out.write_text(json.dumps(report, indent=1))
     if args.classifier and "fidelity" in sections:
@@ -332,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sh = r["shift"]
             print(f"image adherence {term:<18} {r['property']} {r['without']} -> {r['with']} (n {r['n_pairs']}) "
                   f"shift {sh['value']:+.3f} [{sh['ci'][0]:+.3f}, {sh['ci'][1]:+.3f}] expected {r['expected']}: {r['right_way']}")
+    for term, r in report.get("image_adherence", {}).get("_real", {}).items():
+        if r["difference"]:
+            d = r["difference"]
+            print(f"real CoNSeP test tiles {term:<18} {r['property']} {r['without']:.3f} -> {r['with']:.3f} "
+                  f"({d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}])")
     for lf in report.get("label_fidelity", []):
         print(f"label fidelity ({lf['source']}): {lf['accuracy']:.3f} vs real {lf['real_accuracy']:.3f} "
               f"(ratio {lf['ratio']:.2f}) {lf['per_class']}")

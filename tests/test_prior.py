@@ -416,3 +416,15 @@ def test_image_adherence_pairs_images_by_seed_and_reports_the_expected_direction
     assert r["shift"]["value"] == pytest.approx(diff.mean())  # paired by seed, same images
     assert r["shift"]["ci"][0] <= diff.mean() <= r["shift"]["ci"][1]
     assert r["right_way"] == (r["shift"]["ci"][0] > 0) and report["_base"]["prompt"] == "a"
+
+
+def test_real_term_differences_compare_tiles_with_and_without_each_term():
+    from recipes.prior_report import real_term_differences
+
+    images = [np.full((32, 32, 3), v, np.uint8) for v in (200, 210, 50, 60, 40)]  # bright = more nuclei (stub)
+    terms = [["dense"], ["dense"], [], ["sparse"], ["sparse"]]
+    out = real_term_differences(_BrightnessSegmenter(), images, terms, mask_terms=("dense", "sparse", "spindle"), n_boot=50)
+    assert out["dense"]["with"] == 20.5 and out["dense"]["without"] == 5.0 and out["dense"]["difference"]["value"] == 15.5
+    lo, hi = out["dense"]["difference"]["ci"]
+    assert lo <= 15.5 <= hi and out["sparse"]["difference"]["value"] < 0
+    assert out["spindle"]["difference"] is None  # no tile has the term
