@@ -282,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.features import FeatureCache
 
     fc = FeatureCache(cache)
-    flow_kw = dict(steps=args.steps, hidden=args.hidden, num_blocks=args.blocks, encoder=fc.encoder_name,
-                   whiten_rank=args.whiten_rank)
+    flow_kw = {"steps": args.steps, "hidden": args.hidden, "num_blocks": args.blocks, "encoder": fc.encoder_name,
+               "whiten_rank": args.whiten_rank}
     if args.validate:
         val = FeatureCache(args.val_cache or _build_cache(args.data, args.work, args.model, split="val"))
         report = validate(fc, val, args.data, args.work, [float(t) for t in args.temperatures.split(",")], **flow_kw)

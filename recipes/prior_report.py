@@ -187,10 +187,10 @@ def real_term_differences(segmenter, images: Sequence[np.ndarray], terms: Sequen
         has, ok = np.array([term in t for t in terms]), np.isfinite(props[prop])
         a, b = props[prop][ok & has], props[prop][ok & ~has]
         if not (len(a) and len(b)):
-            out[term] = {"property": prop, "n_with": int(len(a)), "n_without": int(len(b)), "difference": None}
+            out[term] = {"property": prop, "n_with": len(a), "n_without": len(b), "difference": None}
             continue
         boots = [rng.choice(a, len(a)).mean() - rng.choice(b, len(b)).mean() for _ in range(n_boot)]
-        out[term] = {"property": prop, "n_with": int(len(a)), "n_without": int(len(b)), "with": float(a.mean()),
+        out[term] = {"property": prop, "n_with": len(a), "n_without": len(b), "with": float(a.mean()),
                      "without": float(b.mean()), "difference": {"value": float(a.mean() - b.mean()),
                                                                 "ci": [float(np.percentile(boots, 2.5)),
                                                                        float(np.percentile(boots, 97.5))],

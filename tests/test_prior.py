@@ -366,7 +366,10 @@ def test_validation_scores_temperatures_and_the_rule_picks_the_smallest_worst_ra
     assert prior.temperature == 1.0 and prior.label_temperatures == {"A": 0.7}  # restored
     assert set(scores) == {"0.5", "1.0"} and scores["0.5"]["A"]["floor"] == scores["1.0"]["A"]["floor"]
     assert scores["0.5"]["A"]["fd"] != scores["1.0"]["A"]["fd"] and 0 <= scores["1.0"]["B"]["below_p05"] <= 1
-    row = lambda r, nov=0.0: {"ratio": r, "below_p05": nov}  # noqa: E731
+
+    def row(r, nov=0.0):
+        return {"ratio": r, "below_p05": nov}
+
     made = {"0.9": {"A": row(1.2), "B": row(3.0)}, "1.0": {"A": row(2.0), "B": row(1.1, 0.3)}}
     choice = choose_temperatures(made)
     assert choice["temperature"] == 1.0 and choice["worst_ratio"] == 2.0  # worst 2.0 beats 3.0
@@ -407,9 +410,12 @@ def test_image_adherence_pairs_images_by_seed_and_reports_the_expected_direction
 
     seg = _BrightnessSegmenter()
     report = image_adherence(gen, seg, base="a", terms=("dense",), n=4, seed=7, batch_size=2, n_boot=50)
-    kw = dict(num_images=4, seed=7, output_type="np", progress=False)
-    nuclei = lambda prompt: np.array([float(len(np.unique(i[i > 0]))) for i, _ in  # noqa: E731
-                                      seg.classify(list(gen.generate(PriorSample(prompt=prompt), **kw).images))])
+    kw = {"num_images": 4, "seed": 7, "output_type": "np", "progress": False}
+
+    def nuclei(prompt):
+        images = gen.generate(PriorSample(prompt=prompt), **kw).images
+        return np.array([float(len(np.unique(i[i > 0]))) for i, _ in seg.classify(list(images))])
+
     diff = nuclei("a, dense") - nuclei("a")
     r = report["dense"]
     assert r["property"] == "nuclei" and r["expected"] == "+" and r["n_pairs"] == 4
