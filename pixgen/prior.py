@@ -145,17 +145,24 @@ class EmbeddingPrior:
         vocabulary: the terms and labels. mean, std: (D,) the flow's standardisation of the embeddings.
         steps: Euler steps when sampling. guidance: CFG scale on the condition vector.
         temperature: scale of the source noise (< 1 trades diversity for samples nearer the data;
-            the bundled prior's was chosen on training embeddings, docs/prior.md).
+            the bundled prior's was chosen on a grouped validation split, docs/prior.md).
+        label_temperatures: per-label scales that replace ``temperature`` for a condition holding that
+            label's terms (see :meth:`temperature_of`); empty: ``temperature`` everywhere.
     """
 
     def __init__(self, flow: EmbeddingFlow, vocabulary: Vocabulary, mean: torch.Tensor, std: torch.Tensor,
-                 steps: int = 20, guidance: float = 1.0, temperature: float = 1.0):
+                 steps: int = 20, guidance: float = 1.0, temperature: float = 1.0,
+                 label_temperatures: dict[str, float] | None = None):
         if flow.config.condition_dim != vocabulary.dim:
             raise ModelLoadError(f"the prior's flow takes {flow.config.condition_dim}-d conditions, its vocabulary has "
                                  f"{vocabulary.dim} terms", fix="re-export the prior (python -m recipes.prior)")
         self.flow, self.vocabulary = flow.eval(), vocabulary
         self.mean, self.std = torch.as_tensor(mean).float(), torch.as_tensor(std).float()
         self.steps, self.guidance, self.temperature = steps, guidance, temperature
+        self.label_temperatures = dict(label_temperatures or {})
+        if unknown := set(self.label_temperatures) - set(vocabulary.labels):
+            raise ModelLoadError(f"the prior has temperatures for unknown labels {sorted(unknown)}",
+                                 fix="re-export the prior (python -m recipes.prior)")
 
     @property
     def labels(self) -> list[str]:
@@ -173,6 +180,27 @@ class EmbeddingPrior:
             raise InputError("give a label or a prompt")
         return self.vocabulary.parse(label if label is not None else prompt)
 
+    def temperature_of(self, condition: torch.Tensor) -> torch.Tensor:
+        """(N,) noise scale of condition vectors (dim,) or (N, dim): ``temperature``, moved towards each
+        label's own temperature by the label's weight in the row (the smallest value of its terms: 1 when
+        the row holds all of them, e.g. ``lung_scc`` or ``"colon, dense"`` for ``consep``; fractional
+        along a path, so a path's temperature moves linearly from one label's to the other's).
+
+        Example:
+            >>> prior.label_temperatures = {"monuseg": 0.9}                       # doctest: +SKIP
+            >>> prior.temperature_of(prior.condition("monuseg")).tolist()         # doctest: +SKIP
+            [0.9]
+        """
+        cond = condition.float().reshape(-1, self.vocabulary.dim)
+        base = torch.full((len(cond),), float(self.temperature))
+        if not self.label_temperatures:
+            return base
+        weights = torch.stack([cond[:, self.vocabulary.vector(self.vocabulary.labels[k]) > 0].min(1).values.clamp(0, 1)
+                               for k in self.label_temperatures], 1)
+        weights = weights / weights.sum(1, keepdim=True).clamp(min=1.0)  # nested labels: a convex mix
+        shift = torch.tensor([t - self.temperature for t in self.label_temperatures.values()])
+        return base + weights @ shift
+
     def noise(self, seeds: Sequence[int | None], generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, flow_dim) source noise times the temperature, row ``i`` from ``torch.Generator(seeds[i])``
         (or ``generator`` for None); flow_dim is the embedding width, or the rank of a whitened flow."""
@@ -183,12 +211,16 @@ class EmbeddingPrior:
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, seeds: Sequence[int | None] | None = None,
                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, D) embeddings for condition vectors (dim,) or (N, dim), from per-seed noise (or ``noise``)."""
+        """(N, D) embeddings for condition vectors (dim,) or (N, dim), from per-seed noise (or ``noise``, at
+        ``temperature`` as :meth:`noise` draws it); each row's noise is rescaled to its own
+        :meth:`temperature_of` (a no-op without ``label_temperatures``)."""
         if noise is None:
             if seeds is None:
                 raise InputError("give seeds (one per sample) or noise")
             noise = self.noise(seeds, generator)
         cond = condition.float().expand(noise.shape[0], -1) if condition.ndim == 1 else condition.float()
+        if self.label_temperatures:
+            noise = noise * (self.temperature_of(cond) / self.temperature)[:, None]
         param = next(self.flow.parameters())
         z = sample_flow(self.flow.float(), noise.to(param.device), condition=cond.to(param.device), steps=self.steps,
                         guidance=self.guidance)
@@ -199,7 +231,8 @@ class EmbeddingPrior:
         folder = Path(folder)
         self.flow.save_pretrained(folder)
         info = {**self.vocabulary.to_json(), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "steps": self.steps, "guidance": self.guidance, "temperature": self.temperature}
+                "steps": self.steps, "guidance": self.guidance, "temperature": self.temperature,
+                **({"label_temperatures": self.label_temperatures} if self.label_temperatures else {})}
         (folder / PRIOR_FILE).write_text(json.dumps(info, indent=1))
         return folder
 
@@ -215,15 +248,19 @@ class EmbeddingPrior:
             vocab = Vocabulary(info["terms"], labels=info.get("labels", {}), seen=info.get("seen", []))
             return cls(flow, vocab, torch.tensor(info["mean"]), torch.tensor(info["std"]),
                        steps=int(info.get("steps", 20)), guidance=float(info.get("guidance", 1.0)),
-                       temperature=float(info.get("temperature", 1.0)))
+                       temperature=float(info.get("temperature", 1.0)),
+                       label_temperatures={k: float(v) for k, v in info.get("label_temperatures", {}).items()})
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ModelLoadError(f"corrupt embedding prior in {folder}: {err}",
                                  fix="re-export it (python -m recipes.prior) or remove the prior/ folder") from err
 
     def describe(self) -> dict:
-        """Labels and vocabulary, for ``pixgen info``."""
-        return {"labels": {k: " + ".join(v) for k, v in self.vocabulary.labels.items()},
+        """Labels (with their own temperature, where one is set) and vocabulary, for ``pixgen info``."""
+        temps = self.label_temperatures
+        return {"labels": {k: " + ".join(v) + (f" (temperature {temps[k]:g})" if k in temps else "")
+                           for k, v in self.vocabulary.labels.items()},
                 "terms": {t.name: f"[{t.group}] {t.meaning}" + (f" (also: {', '.join(t.aliases)})" if t.aliases else "")
                           for t in self.vocabulary.terms},
                 "stop_words": sorted(STOP_WORDS), "steps": self.steps, "guidance": self.guidance,
-                "temperature": self.temperature}
+                "temperature": self.temperature,
+                **({"label_temperatures": self.label_temperatures} if self.label_temperatures else {})}

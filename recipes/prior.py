@@ -28,7 +28,8 @@ import torch
 
 from pixgen.prior import EmbeddingPrior, Term, Vocabulary
 
-__all__ = ["VOCABULARY", "LABEL_TERMS", "THRESHOLDS", "tile_terms", "training_arrays", "train_prior", "main"]
+__all__ = ["VOCABULARY", "LABEL_TERMS", "THRESHOLDS", "tile_terms", "field_sources", "training_arrays", "train_prior",
+           "grouped_holdout", "validation_sets", "score_validation", "choose_temperatures", "validate", "main"]
 
 # Nuclei per 64 um field and type fractions; chosen from the CoNSeP train distribution (docs/prior.md).
 THRESHOLDS = {"sparse_below": 15, "dense_from": 60, "min_nuclei": 5, "inflammatory_from": 0.3,
@@ -69,21 +70,36 @@ def _mask_stats(inst: np.ndarray, types: np.ndarray | None) -> list[str]:
     return terms
 
 
-def _field_terms(data: Path, split: str = "train") -> dict[str, list[list[str]]]:
-    """Mask terms of the CoNSeP and MoNuSeg fields, in the order ``recipes.default_models`` writes them."""
+def _fields(data: Path, split: str = "train"):
+    """(label, source image, instance map, type map or None) of each CoNSeP / MoNuSeg field, in the order
+    ``recipes.default_models`` writes their tiles (a CoNSeP tile ``{split}_{image}_{k}``, a MoNuSeg 256 px crop)."""
     from PIL import Image
 
-    out: dict[str, list[list[str]]] = {"consep": [], "monuseg": []}
     root = data / "consep" / split
     for path in sorted((root / "images").glob("*.jpg")):
         inst = np.array(Image.open(root / "inst" / f"{path.stem}.png"))
-        out["consep"].append(_mask_stats(inst, np.array(Image.open(root / "types" / f"{path.stem}.png"))))
+        yield "consep", path.stem.split("_")[1], inst, np.array(Image.open(root / "types" / f"{path.stem}.png"))
     root = data / "monuseg" / split
     for path in sorted((root / "images").glob("*.jpg")):
         inst = np.array(Image.open(root / "inst" / f"{path.stem}.png"))
         for y in range(0, inst.shape[0] - 255, 256):
             for x in range(0, inst.shape[1] - 255, 256):
-                out["monuseg"].append(_mask_stats(inst[y:y + 256, x:x + 256], None))
+                yield "monuseg", path.stem, inst[y:y + 256, x:x + 256], None
+
+
+def _field_terms(data: Path, split: str = "train") -> dict[str, list[list[str]]]:
+    """Mask terms of the CoNSeP and MoNuSeg fields, in tile order."""
+    out: dict[str, list[list[str]]] = {"consep": [], "monuseg": []}
+    for label, _, inst, types in _fields(data, split):
+        out[label].append(_mask_stats(inst, types))
+    return out
+
+
+def field_sources(data: Path, split: str = "train") -> dict[str, list[str]]:
+    """The source image of each CoNSeP / MoNuSeg field, in tile order (the groups a grouped hold-out keeps whole)."""
+    out: dict[str, list[str]] = {"consep": [], "monuseg": []}
+    for label, source, _, _ in _fields(data, split):
+        out[label].append(source)
     return out
 
 
@@ -140,6 +156,104 @@ def train_prior(embeddings: np.ndarray, terms: list[list[str]], out: Path, steps
     return EmbeddingPrior(flow, vocab, torch.from_numpy(mean), torch.from_numpy(std))
 
 
+def grouped_holdout(cache, data: Path, fraction: float = 0.15, seed: int = 0) -> np.ndarray:
+    """(N,) bool: the training-cache rows held back for validation: whole CoNSeP / MoNuSeg source images
+    (``fraction`` of each label's tiles, as whole images allow; ``training.data.splits.group_split``).
+    LC25000 rows all stay: its validation tiles are the project's grouped *val* split, a cache of its own."""
+    from training.data.splits import group_split
+
+    sources = field_sources(data)
+    labels, paths = cache.array("labels"), cache.meta("paths")
+    held = np.zeros(len(labels), bool)
+    for k, label in enumerate(cache.classes):
+        if label in sources:
+            rows = np.flatnonzero(labels == k)
+            groups = [sources[label][int(Path(paths[i]).stem)] for i in rows]
+            held[rows[group_split(groups, (1 - fraction, fraction), seed, names=("train", "val"))["val"]]] = True
+    return held
+
+
+def validation_sets(train_cache, val_cache, data: Path, fraction: float = 0.15,
+                    seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(rows of ``train_cache`` to train on, validation embeddings per label): the grouped hold-out of
+    :func:`grouped_holdout` plus every label of ``val_cache`` (the LC25000 grouped val split)."""
+    held = grouped_holdout(train_cache, data, fraction, seed)
+    emb, labels = train_cache.array("embeddings").astype(np.float32), train_cache.array("labels")
+    val = {name: emb[held & (labels == k)] for k, name in enumerate(train_cache.classes) if (held & (labels == k)).any()}
+    v_emb, v_labels = val_cache.array("embeddings").astype(np.float32), val_cache.array("labels")
+    val |= {name: v_emb[v_labels == k] for k, name in enumerate(val_cache.classes) if (v_labels == k).any()}
+    return ~held, dict(sorted(val.items()))
+
+
+def score_validation(prior: EmbeddingPrior, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
+                     temperatures: Sequence[float], n_boot: int = 20) -> dict[str, dict[str, dict]]:
+    """Per temperature (one for every label) and label: FD of ``n`` prior samples (seeds ``0..n-1``) vs
+    the ``n`` validation embeddings, the floor (``n`` random ``train`` embeddings vs the same), their
+    ratio, and novelty: the share of prior samples nearer a ``train`` embedding than the validation
+    tiles' 5th percentile of that distance (about 0.05 for a sampler like real held-out tiles)."""
+    from metrics.fidelity import fd_estimate
+    from metrics.memorisation import nn_distances
+
+    pool, rng = np.concatenate(list(train.values())), np.random.default_rng(1)
+    floors, p05 = {}, {}
+    for label, real in val.items():
+        base = train[label][rng.choice(len(train[label]), len(real), replace=False)]
+        floors[label] = fd_estimate(base, real, n_boot=n_boot)["value"]
+        p05[label] = float(np.percentile(nn_distances(real, pool)[0], 5))
+    saved = prior.temperature, prior.label_temperatures
+    out: dict[str, dict[str, dict]] = {}
+    try:
+        prior.label_temperatures = {}
+        for t in temperatures:
+            prior.temperature = float(t)
+            out[str(float(t))] = rows = {}
+            for label, real in val.items():
+                z = prior.sample(prior.condition(label), list(range(len(real)))).numpy()
+                fd = fd_estimate(z, real, n_boot=n_boot)["value"]
+                rows[label] = {"n": len(real), "fd": fd, "floor": floors[label], "ratio": fd / floors[label],
+                               "below_p05": float((nn_distances(z, pool)[0] < p05[label]).mean())}
+    finally:
+        prior.temperature, prior.label_temperatures = saved
+    return out
+
+
+def choose_temperatures(scores: dict[str, dict[str, dict]], novelty_max: float = 0.10) -> dict:
+    """The validation rule (docs/prior.md): one temperature, the one with the smallest worst-label FD
+    ratio; and per label, the temperature with the smallest ratio among those whose novelty share
+    (``below_p05``) is <= ``novelty_max`` (all temperatures when none is), with its worst-label ratio."""
+    worst = {t: max(r["ratio"] for r in rows.values()) for t, rows in scores.items()}
+    best = min(worst, key=worst.get)
+    per_label = {}
+    for label in next(iter(scores.values())):
+        novel = [t for t in scores if scores[t][label]["below_p05"] <= novelty_max] or list(scores)
+        per_label[label] = min(novel, key=lambda t: scores[t][label]["ratio"])
+    return {"temperature": float(best), "worst_ratio": worst[best],
+            "label_temperatures": {k: float(t) for k, t in per_label.items()},
+            "label_worst_ratio": max(scores[t][k]["ratio"] for k, t in per_label.items())}
+
+
+def validate(train_cache, val_cache, data: Path, out: Path, temperatures: Sequence[float], fraction: float = 0.15,
+             **train_kw) -> dict:
+    """Train a prior on ``train_cache`` less the grouped hold-out and score ``temperatures`` on the
+    validation sets (:func:`validation_sets`); writes ``out/validation.json``.
+
+    Example:
+        >>> validate(FeatureCache("cache"), FeatureCache("val-cache"), Path("../shared/data"), Path("runs/v"),
+        ...          [0.9, 1.0, 1.1], whiten_rank=32)                                   # doctest: +SKIP
+    """
+    keep, val = validation_sets(train_cache, val_cache, data, fraction)
+    emb, labels = train_cache.array("embeddings").astype(np.float32), train_cache.array("labels")
+    terms = tile_terms(train_cache, data)
+    prior = train_prior(emb[keep], [t for t, k in zip(terms, keep) if k], out / "flow", **train_kw)
+    train = {name: emb[keep & (labels == k)] for k, name in enumerate(train_cache.classes)}
+    scores = score_validation(prior, train, val, temperatures)
+    report = {"train_rows": int(keep.sum()), "val_rows": {k: len(v) for k, v in val.items()}, "fraction": fraction,
+              "flow": {k: v for k, v in train_kw.items() if isinstance(v, (int, float, str))},
+              "scores": scores, "choice": choose_temperatures(scores)}
+    (out / "validation.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m recipes.prior", description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, type=Path, help="the shared data folder (../shared/data)")
@@ -153,7 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="train the flow in this many leading PCA-whitened directions (0: the standardised space)")
     ap.add_argument("--temperature", type=float, default=0.5,
                     help="source-noise scale stored with the prior (bundled: 0.5, chosen by FD to training embeddings)")
+    ap.add_argument("--label-temperatures", type=_label_floats, default={},
+                    help="per-label temperatures stored with the prior, e.g. monuseg=0.9,consep=1.1")
     ap.add_argument("--export", type=Path, help="write the fp16 prior here (e.g. pixgen/weights/pixgen-default/prior)")
+    ap.add_argument("--validate", action="store_true",
+                    help="instead: train on the training cache less whole CoNSeP / MoNuSeg images, score --temperatures "
+                         "on those images + the LC25000 grouped val split (--val-cache), write WORK/validation.json")
+    ap.add_argument("--val-cache", type=Path, help="LC25000 grouped-val feature cache (default: built in WORK/val-cache)")
+    ap.add_argument("--temperatures", default="0.8,0.9,1.0,1.1,1.2", help="temperatures scored by --validate")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -161,29 +282,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.features import FeatureCache
 
     fc = FeatureCache(cache)
+    flow_kw = {"steps": args.steps, "hidden": args.hidden, "num_blocks": args.blocks, "encoder": fc.encoder_name,
+               "whiten_rank": args.whiten_rank}
+    if args.validate:
+        val = FeatureCache(args.val_cache or _build_cache(args.data, args.work, args.model, split="val"))
+        report = validate(fc, val, args.data, args.work, [float(t) for t in args.temperatures.split(",")], **flow_kw)
+        for t, rows in report["scores"].items():
+            print(f"T={t}: " + "  ".join(f"{k} {r['ratio']:.2f} ({r['below_p05']:.2f})" for k, r in rows.items()))
+        print(f"choice: {report['choice']}")
+        return 0
     terms = tile_terms(fc, args.data)
     (args.work / "terms.json").write_text(json.dumps(terms))
-    prior = train_prior(fc.array("embeddings").astype(np.float32), terms, args.work / "flow", steps=args.steps,
-                        hidden=args.hidden, num_blocks=args.blocks, encoder=fc.encoder_name,
-                        whiten_rank=args.whiten_rank)
-    prior.temperature = args.temperature
+    prior = train_prior(fc.array("embeddings").astype(np.float32), terms, args.work / "flow", **flow_kw)
+    prior.temperature, prior.label_temperatures = args.temperature, args.label_temperatures
     if args.export:
         prior.flow.to(torch.float16)
         print(f"exported {prior.save(args.export)}")
     return 0
 
 
-def _build_cache(data: Path, work: Path, model: Path | None) -> Path:
-    """The training tiles (``recipes.default_models.write_tiles``) encoded by the model's VAE + encoder."""
+def _label_floats(text: str) -> dict[str, float]:
+    """``a=0.9,b=1.1`` -> {"a": 0.9, "b": 1.1} (argparse type)."""
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected LABEL=T,LABEL=T, got {text!r}") from err
+
+
+def _build_cache(data: Path, work: Path, model: Path | None, split: str = "train") -> Path:
+    """One split's tiles (``recipes.default_models.write_tiles``: ``train``, or ``val``: the LC25000 grouped
+    val split, the only dataset here with one) encoded by the model's VAE + encoder."""
     from pixgen.commands import DEFAULT_MODEL
     from recipes.default_models import TILE, write_tiles
     from training.features import build_feature_cache, open_image_source, resolve_components
 
-    cache = work / "cache"
+    prefix = "" if split == "train" else f"{split}-"
+    cache = work / f"{prefix}cache"
     index = cache / "index.json"
     if index.is_file() and json.loads(index.read_text()).get("complete"):
         return cache
-    tiles = write_tiles(data, work / "tiles", work / "near-duplicates.json")
+    tiles = write_tiles(data, work / f"{prefix}tiles", work / "near-duplicates.json", split=split)
     vae, encoder, local = resolve_components(model=str(model or DEFAULT_MODEL))
     build_feature_cache(open_image_source(tiles, mpp=0.5, size=TILE), cache, vae, encoder, save_encoder=local)
     return cache

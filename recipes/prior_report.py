@@ -16,7 +16,14 @@ Per label (docs/prior.md):
   the real training embeddings of the tiles with masks (has the term or not; its held-out AUC is
   reported) scores prior samples of ``colon`` and of ``colon, TERM`` drawn from the same seeds;
   the paired difference of probe probabilities, with a 95 % bootstrap interval, should be > 0.
-  This is adherence in embedding space, not yet measured on generated images;
+  This is adherence in embedding space;
+* ``image_adherence`` (with ``--segmenter``): the same on generated *images*: ``n`` images of
+  ``colon`` and ``n`` of ``colon, TERM`` from the same seeds (the model's default quality preset),
+  each segmented by the type-aware nuclei segmenter (``metrics.nuclei``, :data:`TERM_PROPERTIES`
+  names the property each term should move: a type's share of the nuclei, or the nuclei count);
+  the paired shift with a 95 % bootstrap interval, and whether it goes the expected way; with
+  ``--test-tiles`` and ``--data``, the same properties of the real held-out CoNSeP tiles with vs
+  without each term (terms from their true masks): the difference the images should approach;
 * ``label_fidelity`` (with ``--classifier``): images generated from prior samples, classified by
   the independent classifier (``metrics.classifier``), accuracy vs its accuracy on real held-out tiles;
 * ``utility`` (with ``--train-tiles``, ``--test-tiles``, ``--sets``): two synthetic sets of the same
@@ -40,9 +47,15 @@ import torch
 
 from pixgen.prior import EmbeddingPrior
 
-__all__ = ["embedding_report", "adherence_report", "label_fidelity", "with_prior", "utility_report", "main"]
+__all__ = ["embedding_report", "adherence_report", "nuclear_properties", "image_adherence", "real_term_differences",
+           "label_fidelity",
+           "with_prior", "utility_report", "main"]
 
 MASK_TERMS = ("inflammatory-rich", "epithelial", "spindle", "sparse", "dense")
+# What each mask term should move on an image, and which way (+1 up, -1 down); type ids as metrics.nuclei.TYPE_NAMES.
+TERM_PROPERTIES = {"inflammatory-rich": ("inflammatory_fraction", 1), "epithelial": ("epithelial_fraction", 1),
+                   "spindle": ("spindle_fraction", 1), "sparse": ("nuclei", -1), "dense": ("nuclei", 1)}
+TYPE_IDS = {"inflammatory_fraction": 2, "epithelial_fraction": 3, "spindle_fraction": 4}
 
 
 def _by_label(cache) -> dict[str, np.ndarray]:
@@ -103,15 +116,111 @@ def adherence_report(prior: EmbeddingPrior, train_cache, test_cache, data: Path,
     return out
 
 
+def nuclear_properties(classified: Sequence[tuple[np.ndarray, np.ndarray]], min_nuclei: int = 5) -> dict[str, np.ndarray]:
+    """Per image, from ``NucleiSegmenter.classify`` pairs (instance map, class map): ``nuclei`` (count)
+    and each type's share of the nuclei (NaN below ``min_nuclei`` nuclei, as the training terms'
+    ``THRESHOLDS``; a share of two or three nuclei says nothing).
+
+    Example:
+        >>> inst = np.zeros((8, 8), int); inst[0, :2], inst[4, :2] = 1, 2
+        >>> cls = np.where(inst == 1, 2, np.where(inst == 2, 3, 0))
+        >>> nuclear_properties([(inst, cls)], min_nuclei=1)["inflammatory_fraction"].tolist()
+        [0.5]
+    """
+    out: dict[str, list[float]] = {"nuclei": [], **{k: [] for k in TYPE_IDS}}
+    for inst, cls in classified:
+        kind = np.zeros(int(inst.max()) + 1, int)
+        kind[inst.ravel()] = cls.ravel()  # one class per instance (classify's majority vote)
+        types = kind[np.unique(inst[inst > 0])]
+        out["nuclei"].append(float(len(types)))
+        for name, k in TYPE_IDS.items():
+            out[name].append(float((types == k).mean()) if len(types) >= min_nuclei else float("nan"))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def image_adherence(gen, segmenter, base: str = "colon", terms: Sequence[str] = MASK_TERMS, n: int = 32, seed: int = 0,
+                    batch_size: int = 8, n_boot: int = 1000) -> dict[str, dict]:
+    """Per term: the :data:`TERM_PROPERTIES` property of ``n`` images of ``base`` and of ``base, TERM``
+    (prior samples and images from the same seeds ``seed..seed+n-1``), measured by ``segmenter``
+    (a typed ``metrics.nuclei.NucleiSegmenter``); the paired shift over the images where both are
+    defined, its 95 % bootstrap interval, and ``right_way``: the interval lies on the expected side of 0.
+
+    Example:
+        >>> image_adherence(Generator.from_pretrained(m), NucleiSegmenter.load(TYPED), n=32)   # doctest: +SKIP
+    """
+    from metrics.stats import mean_estimate
+    from pixgen.conditioning import PriorSample
+
+    def measure(prompt: str) -> dict[str, np.ndarray]:
+        images = gen.generate(PriorSample(prompt=prompt), num_images=n, seed=seed, output_type="np",
+                              batch_size=batch_size, progress=False).images
+        return nuclear_properties(segmenter.classify(list(images)))
+
+    without = measure(base)
+    out: dict[str, dict] = {"_base": {"prompt": base, "n": n, "seed": seed,
+                                      **{k: float(np.nanmean(v)) for k, v in without.items()}}}
+    for term in terms:
+        prop, sign = TERM_PROPERTIES[term]
+        a, b = measure(f"{base}, {term}")[prop], without[prop]
+        ok = np.isfinite(a) & np.isfinite(b)
+        shift = mean_estimate(a[ok] - b[ok], n_boot=n_boot)
+        out[term] = {"property": prop, "expected": "+" if sign > 0 else "-", "n_pairs": int(ok.sum()),
+                     "without": float(b[ok].mean()) if ok.any() else None, "with": float(a[ok].mean()) if ok.any() else None,
+                     "shift": shift, "right_way": bool(ok.any() and min(sign * c for c in shift["ci"]) > 0)}
+    return out
+
+
+def real_term_differences(segmenter, images: Sequence[np.ndarray], terms: Sequence[Sequence[str]],
+                          mask_terms: Sequence[str] = MASK_TERMS, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per term: the :data:`TERM_PROPERTIES` property of real ``images`` (HWC uint8) measured by
+    ``segmenter``, mean over the images whose ``terms`` (from their true masks) hold the term minus
+    the mean over the others, with a 95 % bootstrap interval (each group resampled on its own).
+
+    Example:
+        >>> real_term_differences(NucleiSegmenter.load(TYPED), tiles, tile_terms)   # doctest: +SKIP
+    """
+    props = nuclear_properties(segmenter.classify(list(images)))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for term in mask_terms:
+        prop, _ = TERM_PROPERTIES[term]
+        has, ok = np.array([term in t for t in terms]), np.isfinite(props[prop])
+        a, b = props[prop][ok & has], props[prop][ok & ~has]
+        if not (len(a) and len(b)):
+            out[term] = {"property": prop, "n_with": len(a), "n_without": len(b), "difference": None}
+            continue
+        boots = [rng.choice(a, len(a)).mean() - rng.choice(b, len(b)).mean() for _ in range(n_boot)]
+        out[term] = {"property": prop, "n_with": len(a), "n_without": len(b), "with": float(a.mean()),
+                     "without": float(b.mean()), "difference": {"value": float(a.mean() - b.mean()),
+                                                                "ci": [float(np.percentile(boots, 2.5)),
+                                                                       float(np.percentile(boots, 97.5))],
+                                                                "n_boot": n_boot}}
+    return out
+
+
+def _real_consep(test_tiles: Path, data: Path) -> tuple[list[np.ndarray], list[list[str]]]:
+    """The held-out CoNSeP tiles (``test_tiles/consep/*.png``, ``recipes.default_models`` order) and their mask terms."""
+    from PIL import Image
+
+    from recipes.prior import _field_terms
+
+    files = sorted((Path(test_tiles) / "consep").glob("*.png"))
+    terms = _field_terms(Path(data), "test")["consep"]
+    if len(files) != len(terms):
+        raise ValueError(f"{len(files)} CoNSeP test tiles but {len(terms)} CoNSeP test fields in {data}")
+    return [np.array(Image.open(f).convert("RGB")) for f in files], terms
+
+
 def label_fidelity(model: str | Path, classifier: str | Path, test_tiles: str | Path, n: int,
-                   steps: int | None, batch_size: int = 8, from_bank: bool = False) -> dict:
+                   steps: int | None, batch_size: int = 8, from_bank: bool = False, quality: str | None = None) -> dict:
     """Classifier accuracy on ``n`` images per label generated from prior samples (or bank draws)
-    vs on the real held-out tiles."""
+    vs on the real held-out tiles; sampled as the commands do (``quality``: a preset, default
+    ``pixgen.sampling.DEFAULT_QUALITY``; ``steps`` replaces its step count)."""
     from metrics.classifier import ClassifierDetector, preprocess, score_classifier
     from pixgen.conditioning import BankDraw, PriorSample
     from pixgen.pipeline import Generator
 
-    gen = Generator.from_pretrained(model)
+    gen = Generator.from_pretrained(model).use_sampling(quality)
     det = ClassifierDetector(classifier)
     real = score_classifier(classifier, test_tiles)
     per_class = {}
@@ -124,7 +233,8 @@ def label_fidelity(model: str | Path, classifier: str | Path, test_tiles: str | 
             pred = det.model(preprocess(x, det.input_size)).argmax(1).numpy()
         per_class[label] = float((pred == k).mean())
     acc = float(np.mean(list(per_class.values())))
-    return {"source": "bank" if from_bank else "prior", "n_per_label": n, "steps": steps,
+    return {"source": "bank" if from_bank else "prior", "n_per_label": n, "steps": steps or gen.config["num_inference_steps"],
+            "quality": gen.config.get("quality"),
             "accuracy": acc, "per_class": per_class, "real_accuracy": real["balanced_accuracy"],
             "real_per_class": real["per_class"], "ratio": acc / real["balanced_accuracy"]}
 
@@ -201,13 +311,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--classifier", type=Path, help="metrics.classifier folder (label fidelity; needs --test-tiles)")
     ap.add_argument("--test-tiles", type=Path, help="held-out tile folder, one subfolder per label")
     ap.add_argument("--images", type=int, default=16, help="generated images per label for label fidelity")
-    ap.add_argument("--steps", type=int, help="generator sampling steps (default: the model's)")
+    ap.add_argument("--segmenter", type=Path, help="typed metrics.nuclei segmenter (image_adherence), e.g. metrics/weights/nuclei-types")
+    ap.add_argument("--adherence-images", type=int, default=32, help="images per prompt for image_adherence")
+    ap.add_argument("--adherence-terms", default=",".join(MASK_TERMS), help="comma-separated terms for image_adherence")
+    ap.add_argument("--steps", type=int, help="generator sampling steps (default: the quality preset's)")
+    ap.add_argument("--quality", help="quality preset for image_adherence and fidelity (default: the commands' default)")
     ap.add_argument("--bank", action="store_true", help="also measure label fidelity of bank draws")
     ap.add_argument("--train-tiles", type=Path, help="the real training tiles, one subfolder per label (utility)")
     ap.add_argument("--sets", type=Path, help="folder for the utility section's synthetic sets (prior/, bank/)")
     ap.add_argument("--set-images", type=int, default=40, help="images per label in each utility set")
     ap.add_argument("--sections", default="embeddings,adherence,fidelity",
-                    help="comma-separated: embeddings, adherence (needs --data), fidelity (needs --classifier), "
+                    help="comma-separated: embeddings, adherence (needs --data), image_adherence (needs --segmenter), "
+                         "fidelity (needs --classifier), "
                          "utility (needs --train-tiles, --test-tiles, --sets)")
     ap.add_argument("--out", required=True, type=Path, help="JSON report (sections run now replace those in it)")
     args = ap.parse_args(argv)
@@ -226,11 +341,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data and "adherence" in sections:
         report["adherence"] = adherence_report(prior, train, test, args.data)
         args.out.write_text(json.dumps(report, indent=1))
+    if args.segmenter and "image_adherence" in sections:
+        from metrics.nuclei import NucleiSegmenter
+        from pixgen.pipeline import Generator
+
+        t1 = time.perf_counter()
+        gen = Generator.from_pretrained(prior_model).use_sampling(args.quality)
+        report["image_adherence"] = image_adherence(gen, NucleiSegmenter.load(args.segmenter), n=args.adherence_images,
+                                                    terms=args.adherence_terms.split(","))
+        report["image_adherence"]["_base"].update(quality=gen.config.get("quality"), steps=gen.config["num_inference_steps"])
+        if args.test_tiles and args.data:
+            seg = NucleiSegmenter.load(args.segmenter)
+            report["image_adherence"]["_real"] = real_term_differences(seg, *_real_consep(args.test_tiles, args.data))
+        report["image_adherence"]["_base"]["seconds"] = round(time.perf_counter() - t1, 1)
+        args.out.write_text(json.dumps(report, indent=1))
     if args.classifier and "fidelity" in sections:
-        report["label_fidelity"] = [label_fidelity(prior_model, args.classifier, args.test_tiles, args.images, args.steps)]
+        report["label_fidelity"] = [label_fidelity(prior_model, args.classifier, args.test_tiles, args.images, args.steps,
+                                                   quality=args.quality)]
         if args.bank:
             report["label_fidelity"].append(label_fidelity(args.model, args.classifier, args.test_tiles, args.images,
-                                                           args.steps, from_bank=True))
+                                                           args.steps, from_bank=True, quality=args.quality))
     if "utility" in sections:
         if not (args.train_tiles and args.test_tiles and args.sets):
             ap.error("the utility section needs --train-tiles, --test-tiles and --sets")
@@ -246,6 +376,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sh = r["shift"]
         print(f"adherence {term:<18} probe AUC {r['probe_heldout_auc']} p {r['p_without']:.3f} -> {r['p_with']:.3f} "
               f"shift {sh['value']:+.3f} [{sh['ci'][0]:+.3f}, {sh['ci'][1]:+.3f}]")
+    for term, r in report.get("image_adherence", {}).items():
+        if not term.startswith("_"):
+            sh = r["shift"]
+            print(f"image adherence {term:<18} {r['property']} {r['without']} -> {r['with']} (n {r['n_pairs']}) "
+                  f"shift {sh['value']:+.3f} [{sh['ci'][0]:+.3f}, {sh['ci'][1]:+.3f}] expected {r['expected']}: {r['right_way']}")
+    for term, r in report.get("image_adherence", {}).get("_real", {}).items():
+        if r["difference"]:
+            d = r["difference"]
+            print(f"real CoNSeP test tiles {term:<18} {r['property']} {r['without']:.3f} -> {r['with']:.3f} "
+                  f"({d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}])")
     for lf in report.get("label_fidelity", []):
         print(f"label fidelity ({lf['source']}): {lf['accuracy']:.3f} vs real {lf['real_accuracy']:.3f} "
               f"(ratio {lf['ratio']:.2f}) {lf['per_class']}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pixgen.conditioning import BankDraw, PriorPath, PriorSample
-from pixgen.errors import InputError
+from pixgen.errors import InputError, ModelLoadError
 from pixgen.models.flow import EmbeddingFlow
 from pixgen.prior import EmbeddingPrior, Term, Vocabulary
 from pixgen.testing import TINY_ENCODER_DIM, tiny_generator
@@ -76,6 +76,31 @@ def test_temperature_scales_the_seeded_noise(gen):
     full = prior.noise([4, 5])
     prior.temperature = 0.5
     torch.testing.assert_close(prior.noise([4, 5]), 0.5 * full)
+
+
+def test_label_temperatures_scale_their_labels_rows_and_round_trip(gen, tmp_path):
+    """A label's own temperature applies to that label and to prompts holding its terms, moves linearly
+    along a path, leaves other conditions at the global one, and survives save / load."""
+    prior = gen.prior
+    a, b = prior.condition("A"), prior.condition(prompt="b")
+    before = prior.sample(torch.stack([a, b]), [4, 5])
+    prior.label_temperatures = {"A": 0.5}
+    torch.testing.assert_close(prior.temperature_of(torch.stack([a, prior.condition(prompt="a, dense"), b])),
+                               torch.tensor([0.5, 0.5, 1.0]))
+    torch.testing.assert_close(prior.temperature_of(0.25 * a + 0.75 * b), torch.tensor([0.875]))  # a path's row
+    after = prior.sample(torch.stack([a, b]), [4, 5])
+    torch.testing.assert_close(after[1], before[1])  # B keeps the global temperature
+    prior.label_temperatures = {}
+    prior.temperature = 0.5
+    torch.testing.assert_close(after[0], prior.sample(a, [4])[0])  # = A sampled at 0.5 globally
+    prior.temperature, prior.label_temperatures = 1.0, {"A": 0.5}
+    path = PriorPath("A", "b", points=2).resolve(gen, [4, 5]).values[:, 0]
+    torch.testing.assert_close(path, torch.stack([after[0], prior.sample(b, [4])[0]]))  # ends = the two samples
+    loaded = EmbeddingPrior.load(prior.save(tmp_path / "p"))
+    assert loaded.label_temperatures == {"A": 0.5} and loaded.describe()["label_temperatures"] == {"A": 0.5}
+    assert loaded.describe()["labels"] == {"A": "a (temperature 0.5)", "B": "b"}  # what `pixgen info` lists
+    with pytest.raises(ModelLoadError, match="unknown labels"):
+        EmbeddingPrior(prior.flow, prior.vocabulary, prior.mean, prior.std, label_temperatures={"C": 1.0})
 
 
 def test_prior_path_shares_noise_and_ends_at_the_endpoints(gen):
@@ -272,3 +297,140 @@ def test_report_measures_a_candidate_prior_in_a_linked_model_folder(model_dir, t
     torch.testing.assert_close(gen.prior.sample(c, [3]), EmbeddingPrior.load(candidate).sample(c, [3]))
     assert not torch.allclose(gen.prior.sample(c, [3]), EmbeddingPrior.load(model_dir / "prior").sample(c, [3]))
     assert (linked / "prior").resolve() == candidate.resolve() and (model_dir / "prior" / "prior.json").is_file()
+
+
+class _Cache:
+    """The three things of a FeatureCache that the validation split reads."""
+
+    def __init__(self, classes, labels, paths, emb):
+        self.classes, self._a, self._paths = classes, {"labels": np.array(labels), "embeddings": emb}, paths
+
+    def array(self, name):
+        return self._a[name]
+
+    def meta(self, key):
+        return self._paths
+
+
+def _write_fields(root: Path) -> None:
+    """CoNSeP: 4 source images x 2 tiles of 256 px (with type maps); MoNuSeg: 2 images of 512 px (4 fields each)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split_dir, names, size, types in ((root / "consep" / "train", [f"train_{i}_{k:03d}" for i in (1, 2, 10, 11)
+                                                                        for k in range(2)], 256, True),
+                                          (root / "monuseg" / "train", ["TCGA-A", "TCGA-B"], 512, False)):
+        for sub in ("images", "inst") + (("types",) if types else ()):
+            (split_dir / sub).mkdir(parents=True)
+        for name in names:
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(split_dir / "images" / f"{name}.jpg")
+            inst = np.zeros((size, size), np.uint16)
+            inst[10:20, 10:20], inst[40:50, 40:50] = 1, 2
+            Image.fromarray(inst).save(split_dir / "inst" / f"{name}.png")
+            if types:
+                Image.fromarray((inst > 0).astype(np.uint8) * 2).save(split_dir / "types" / f"{name}.png")
+
+
+def test_grouped_validation_holds_back_whole_source_images(tmp_path):
+    from recipes.prior import field_sources, grouped_holdout, validation_sets
+
+    _write_fields(tmp_path)
+    assert field_sources(tmp_path) == {"consep": ["10", "10", "11", "11", "1", "1", "2", "2"], "monuseg": ["TCGA-A"] * 4 + ["TCGA-B"] * 4}
+    classes = ["consep", "lung_n", "monuseg"]
+    labels = [0] * 8 + [1] * 5 + [2] * 8
+    paths = [f"tiles/consep/{k:05d}.png" for k in range(8)] + [f"tiles/lung_n/{k:05d}.png" for k in range(5)] + \
+            [f"tiles/monuseg/{k:05d}.png" for k in range(8)]
+    emb = np.arange(21, dtype=np.float32)[:, None].repeat(3, 1)
+    train = _Cache(classes, labels, paths, emb)
+    held = grouped_holdout(train, tmp_path, fraction=0.25)
+    sources = field_sources(tmp_path)
+    consep_held = {sources["consep"][k] for k in range(8) if held[k]}
+    assert len(consep_held) == 1 and held[:8].sum() == 2  # one whole image (2 tiles), never half of one
+    assert held[8:13].sum() == 0  # LC25000 rows all train: its validation is the grouped val split
+    assert held[13:].sum() == 4 and len({sources["monuseg"][k] for k in range(8) if held[13 + k]}) == 1
+    val_cache = _Cache(["lung_n"], [0, 0, 0], ["v/lung_n/0.png"] * 3, np.full((3, 3), -1.0, np.float32))
+    keep, val = validation_sets(train, val_cache, tmp_path, fraction=0.25)
+    assert (keep == ~held).all() and list(val) == ["consep", "lung_n", "monuseg"]
+    assert len(val["consep"]) == 2 and (val["lung_n"] == -1).all() and len(val["monuseg"]) == 4
+
+
+def test_validation_scores_temperatures_and_the_rule_picks_the_smallest_worst_ratio():
+    from recipes.prior import choose_temperatures, score_validation
+
+    prior = tiny_prior(dim=4)
+    prior.label_temperatures = {"A": 0.7}
+    rng = np.random.default_rng(0)
+    train = {"A": rng.normal(size=(80, 4)).astype(np.float32), "B": rng.normal(2, 1, (80, 4)).astype(np.float32)}
+    val = {"A": rng.normal(size=(30, 4)).astype(np.float32), "B": rng.normal(2, 1, (30, 4)).astype(np.float32)}
+    scores = score_validation(prior, train, val, [0.5, 1.0], n_boot=5)
+    assert prior.temperature == 1.0 and prior.label_temperatures == {"A": 0.7}  # restored
+    assert set(scores) == {"0.5", "1.0"} and scores["0.5"]["A"]["floor"] == scores["1.0"]["A"]["floor"]
+    assert scores["0.5"]["A"]["fd"] != scores["1.0"]["A"]["fd"] and 0 <= scores["1.0"]["B"]["below_p05"] <= 1
+
+    def row(r, nov=0.0):
+        return {"ratio": r, "below_p05": nov}
+
+    made = {"0.9": {"A": row(1.2), "B": row(3.0)}, "1.0": {"A": row(2.0), "B": row(1.1, 0.3)}}
+    choice = choose_temperatures(made)
+    assert choice["temperature"] == 1.0 and choice["worst_ratio"] == 2.0  # worst 2.0 beats 3.0
+    assert choice["label_temperatures"] == {"A": 0.9, "B": 0.9}  # B's better ratio at 1.0 fails novelty (0.3)
+    assert choice["label_worst_ratio"] == 3.0
+    assert choose_temperatures(made, novelty_max=0.5)["label_temperatures"] == {"A": 0.9, "B": 1.0}
+
+
+def test_nuclear_properties_count_nuclei_and_type_shares():
+    from recipes.prior_report import nuclear_properties
+
+    inst = np.zeros((16, 16), int)
+    for i in range(6):
+        inst[2 * i, :3] = i + 1
+    cls = np.where(inst > 0, 2, 0)
+    cls[inst == 1], cls[inst == 2] = 3, 4  # 4 inflammatory, 1 epithelial, 1 spindle
+    props = nuclear_properties([(inst, cls), (np.zeros_like(inst), np.zeros_like(cls))])
+    assert props["nuclei"].tolist() == [6.0, 0.0]
+    assert props["inflammatory_fraction"][0] == pytest.approx(4 / 6) and props["spindle_fraction"][0] == pytest.approx(1 / 6)
+    assert np.isnan(props["epithelial_fraction"][1])  # no nuclei: no share
+
+
+class _BrightnessSegmenter:
+    """A stand-in for the typed segmenter: one inflammatory nucleus per 10 grey levels of mean brightness."""
+
+    def classify(self, images):
+        out = []
+        for im in images:
+            inst = np.zeros(im.shape[:2], int)
+            for i in range(int(im.mean() // 10)):
+                inst[i, 0] = i + 1
+            out.append((inst, np.where(inst > 0, 2, 0)))
+        return out
+
+
+def test_image_adherence_pairs_images_by_seed_and_reports_the_expected_direction(gen):
+    from recipes.prior_report import image_adherence
+
+    seg = _BrightnessSegmenter()
+    report = image_adherence(gen, seg, base="a", terms=("dense",), n=4, seed=7, batch_size=2, n_boot=50)
+    kw = {"num_images": 4, "seed": 7, "output_type": "np", "progress": False}
+
+    def nuclei(prompt):
+        images = gen.generate(PriorSample(prompt=prompt), **kw).images
+        return np.array([float(len(np.unique(i[i > 0]))) for i, _ in seg.classify(list(images))])
+
+    diff = nuclei("a, dense") - nuclei("a")
+    r = report["dense"]
+    assert r["property"] == "nuclei" and r["expected"] == "+" and r["n_pairs"] == 4
+    assert r["shift"]["value"] == pytest.approx(diff.mean())  # paired by seed, same images
+    assert r["shift"]["ci"][0] <= diff.mean() <= r["shift"]["ci"][1]
+    assert r["right_way"] == (r["shift"]["ci"][0] > 0) and report["_base"]["prompt"] == "a"
+
+
+def test_real_term_differences_compare_tiles_with_and_without_each_term():
+    from recipes.prior_report import real_term_differences
+
+    images = [np.full((32, 32, 3), v, np.uint8) for v in (200, 210, 50, 60, 40)]  # bright = more nuclei (stub)
+    terms = [["dense"], ["dense"], [], ["sparse"], ["sparse"]]
+    out = real_term_differences(_BrightnessSegmenter(), images, terms, mask_terms=("dense", "sparse", "spindle"), n_boot=50)
+    assert out["dense"]["with"] == 20.5 and out["dense"]["without"] == 5.0 and out["dense"]["difference"]["value"] == 15.5
+    lo, hi = out["dense"]["difference"]["ci"]
+    assert lo <= 15.5 <= hi and out["sparse"]["difference"]["value"] < 0
+    assert out["spindle"]["difference"] is None  # no tile has the term
