@@ -31,7 +31,8 @@ that dominates, are streamed (see docs/large-images.md for the measured peak RSS
 **Resume** (:func:`generate_large`). Work lives in ``OUT.partial/``: the sampled latents once the
 sampling finishes, and the decoded rows as they are written. A killed run started again with the
 same arguments skips the sampling if it had finished and the rows already written; an interrupted
-*sampling* restarts from its seed (same result).
+*sampling* (a kill, or a step ``callback`` returning False: :class:`~pixgen.sampling.SamplingCancelled`)
+restarts from its seed (same result). ``out`` itself is written only at the end, atomically.
 
 Example:
     >>> gen = Generator.from_pretrained(DEFAULT_MODEL)                                   # doctest: +SKIP
@@ -60,7 +61,8 @@ from pixgen.errors import InputError
 from pixgen.io.atomic import write_bytes_atomic, write_json_atomic
 from pixgen.io.ome import RawCanvas, tiff_bytes_estimate, write_png, write_pyramid_tiff
 from pixgen.pipeline import Generator
-from pixgen.sampling import check_sampling_args, guided_prediction, predicted_x0, prediction_from_x0, sample
+from pixgen.sampling import (SamplingCancelled, StepCallback, check_sampling_args, guided_prediction, predicted_x0,
+                             prediction_from_x0, sample)
 
 __all__ = [
     "Layout", "build_layout", "layout_from_slide", "layout_from_condition", "layout_from_label_map", "window_starts",
@@ -341,9 +343,11 @@ def _windows(gen: Generator, layout: Layout, shape: tuple[int, int], stride: int
 
 
 def _x0_averaging_predictor(gen: Generator, windows: list[_Window], guidance: float, overlap: int, batch_size: int,
-                            on_window: Callable[[int], None]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                            on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+                            ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``predict(x, t)`` for :func:`pixgen.sampling.sample`: guided predictions per window, their
-    x0 averaged with feathered weights, returned as the prediction implying the averaged x0."""
+    x0 averaged with feathered weights, returned as the prediction implying the averaged x0.
+    ``on_batch(t, latents, x0)`` sees each window batch (its latents and predicted x0)."""
     model, sched = gen.transformer, gen.scheduler
     ptype = model.config.prediction_type
     win = model.config.sample_size
@@ -362,7 +366,7 @@ def _x0_averaging_predictor(gen: Generator, windows: list[_Window], guidance: fl
             for w, one in zip(part, x0):
                 x0_sum[0, :, w.top : w.top + win, w.left : w.left + win] += one * weight
                 w_sum[0, :, w.top : w.top + win, w.left : w.left + win] += weight
-            on_window(len(part))
+            on_batch(t, xs, x0)
         return prediction_from_x0(sched, ptype, x, x0_sum / w_sum, t)
 
     return predict
@@ -370,13 +374,18 @@ def _x0_averaging_predictor(gen: Generator, windows: list[_Window], guidance: fl
 
 def sample_canvas(gen: Generator, layout: Layout, height: int, width: int, *, num_inference_steps: int,
                   guidance_scale: float, seed: int = 0, overlap: int | None = None, batch_size: int = 16,
-                  progress: bool = True) -> torch.Tensor:
+                  progress: bool = True, callback: StepCallback | None = None) -> torch.Tensor:
     """Clean latents (1, C, h, w) of a ``height`` x ``width`` canvas (multiples of the latent unit).
 
     ``overlap`` is in latents (default: a quarter of the window: seamless in the bench, 2.25x fewer windows than half). Noise comes from ``seed``.
+    ``callback(step, timestep, latents, x0)`` is called after each window batch of each step (a
+    2nd-order sampler: of each model evaluation) with that batch's window latents and predicted x0;
+    returning False raises :class:`~pixgen.sampling.SamplingCancelled`.
 
     Example:
         >>> lat = sample_canvas(gen, layout, 512, 512, num_inference_steps=10, guidance_scale=2.0)  # doctest: +SKIP
+        >>> sample_canvas(gen, layout, 512, 512, num_inference_steps=10, guidance_scale=2.0,
+        ...               callback=lambda step, t, x, x0: step < 3)  # cancelled in step 4   # doctest: +SKIP
     """
     f = gen.vae.downsample_factor
     win = gen.transformer.config.sample_size
@@ -387,11 +396,19 @@ def sample_canvas(gen: Generator, layout: Layout, height: int, width: int, *, nu
     windows = _windows(gen, layout, shape, win - overlap)
     noise = torch.randn((1, gen.vae.latent_channels, *shape), generator=torch.Generator().manual_seed(seed))
     bar = tqdm(total=len(windows) * num_inference_steps, desc="sampling windows", unit="win", disable=not progress)
+    step = [0]  # the sampler's step index, advanced by its own per-step callback
+
+    def on_batch(t: torch.Tensor, xs: torch.Tensor, x0: torch.Tensor) -> None:
+        bar.update(len(xs))
+        if callback is not None and callback(step[0], t, xs, x0) is False:
+            raise SamplingCancelled(f"sampling cancelled by the step callback at step {step[0] + 1} of {num_inference_steps}")
+
     try:
-        predict = _x0_averaging_predictor(gen, windows, guidance_scale, overlap, batch_size, bar.update)
+        predict = _x0_averaging_predictor(gen, windows, guidance_scale, overlap, batch_size, on_batch)
         unused = torch.zeros(1, 1, layout.grid.shape[-1])  # the predictor conditions each window itself
         return sample(gen.transformer, gen.scheduler, noise, unused, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, predict=predict)
+                      guidance_scale=guidance_scale, predict=predict,
+                      callback=None if callback is None else lambda i, *_: step.__setitem__(0, i + 1))
     finally:
         bar.close()
 
@@ -459,15 +476,24 @@ def _fingerprint(gen: Generator, layout: Layout, settings: dict[str, Any]) -> st
 def generate_large(gen: Generator, layout: Layout, out: str | Path, *, height: int | None = None,
                    width: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                    seed: int = 0, overlap: int | None = None, batch_size: int = 16, tile: int = 256,
-                   compression: str = "jpeg", progress: bool = True, keep_work: bool = False) -> dict[str, Any]:
+                   compression: str = "jpeg", progress: bool = True, keep_work: bool = False,
+                   callback: StepCallback | None = None) -> dict[str, Any]:
     """Generate a large image from ``layout`` into ``out`` (``.ome.tif[f]``/``.tif[f]`` or ``.png``).
 
     The size defaults to the layout's; it is rounded up to the latent unit for sampling and the
     output is cropped back. Work goes to ``OUT.partial/`` (see the module docstring: resume);
     it is removed when ``out`` is written. Returns a summary (sizes, timings, windows).
 
+    Args:
+        callback: ``callback(step, timestep, latents, x0)`` after each window batch of each
+            sampling step (see :func:`sample_canvas`; ``ceil(windows / batch_size) * steps`` calls);
+            returning False raises :class:`~pixgen.sampling.SamplingCancelled`, leaving ``out``
+            unwritten and ``OUT.partial/`` for a rerun with the same arguments (same image).
+            Not called when the sampled latents are resumed, nor while decoding.
+
     Example:
         >>> generate_large(gen, layout, "twin.ome.tiff", num_inference_steps=10)  # doctest: +SKIP
+        >>> generate_large(gen, layout, "twin.ome.tiff", callback=lambda *step: not stop.is_set())  # doctest: +SKIP
     """
     out = Path(out)
     suffix = "".join(out.suffixes[-2:]).lower()
@@ -506,7 +532,7 @@ def generate_large(gen: Generator, layout: Layout, out: str | Path, *, height: i
         latents = torch.load(work / "latents.pt", weights_only=True)
     else:
         latents = sample_canvas(gen, layout, ch, cw, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                                overlap=overlap, batch_size=batch_size, progress=progress)
+                                overlap=overlap, batch_size=batch_size, progress=progress, callback=callback)
         import io
 
         buf = io.BytesIO()

@@ -31,7 +31,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from skimage.segmentation import find_boundaries
 
 from pixgen.errors import InputError, ModelLoadError
 from pixgen.io.int8 import INT8_WEIGHTS, load_model
+
+if TYPE_CHECKING:
+    from pixgen.sampling import StepCallback
 
 __all__ = [
     "CLASSES", "MASK_CHANNELS", "PALETTE", "MaskFormat", "Layout", "encode_masks", "check_layout",
@@ -368,15 +371,22 @@ def attach_mask_model(gen: Any, folder: str | Path = BUNDLED_MASK_MODEL, check_b
 
 def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: str | None = None, n: int = 1,
                    seed: int = 0, control_scale: float = 1.0, steps: int | None = None,
-                   guidance: float | None = None, batch_size: int = 8, progress: bool = False) -> Any:
+                   guidance: float | None = None, batch_size: int = 8, progress: bool = False,
+                   callback: StepCallback | None = None) -> Any:
     """Generate ``n`` images per layout and write a paired set in the CoNSeP layout through a
     :class:`pixgen.io.SetWriter`: ``images/NAME.png``, ``inst/NAME.png`` (uint16 ids),
     ``types/NAME.png`` (uint8 classes, when any layout has classes); the manifest's entry of each
     image names its instance map (``control_image``). Returns the generation output.
 
+    Args:
+        callback: the sampler's per-step callback, ``callback(step, timestep, latents, x0)`` per
+            step of each batch (:meth:`~pixgen.pipeline.Generator.generate_batches`); returning
+            False raises :class:`~pixgen.sampling.SamplingCancelled` before any pair is written.
+
     Example:
         >>> with SetWriter.create("pairs", manifest) as w:                                # doctest: +SKIP
         ...     generate_pairs(attach_mask_model(gen), load_layouts("consep/test"), w, label="consep")
+        >>> generate_pairs(gen, layouts, w, callback=lambda *step: not stop.is_set())     # doctest: +SKIP
     """
     from pixgen.io import Condition, ImageEntry, save_png
 
@@ -387,7 +397,7 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
     per_image = [lay for lay in fitted for _ in range(n)]
     result = gen.generate(label=label, num_images=len(per_image), control_image=per_image, seed=seed,
                           controlnet_conditioning_scale=control_scale, num_inference_steps=steps,
-                          guidance_scale=guidance, batch_size=batch_size, progress=progress)
+                          guidance_scale=guidance, batch_size=batch_size, progress=progress, callback=callback)
     typed = any(lay.types is not None for lay in fitted)
     for i, (img, lay, s, cid) in enumerate(zip(result.images, per_image, result.seeds, result.condition_ids)):
         name = lay.name if n == 1 else f"{lay.name}_{i % n}"
@@ -409,8 +419,15 @@ def write_pair_set(gen: Any, layouts: Sequence[Layout], out: str | Path, manifes
     ``manifest`` and the wall time since ``started`` (``time.perf_counter()``; default: now).
     ``pixgen generate --mask`` and the studio's Paint page write their sets here.
 
+    Args:
+        pairs: :func:`generate_pairs`' keywords, ``callback`` (the sampler's per-step callback)
+            among them. The pairs are written once all are generated, so a run cancelled by the
+            callback (:class:`~pixgen.sampling.SamplingCancelled`) leaves nothing: a folder it
+            created is removed, like any refused request (:class:`pixgen.io.SetWriter`).
+
     Example:
         >>> write_pair_set(attach_mask_model(gen), load_layouts("consep/test"), "pairs", manifest, label="consep")  # doctest: +SKIP
+        >>> write_pair_set(gen, layouts, "pairs", manifest, callback=lambda *step: not stop.is_set())  # doctest: +SKIP
     """
     import time
 

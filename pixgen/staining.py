@@ -46,6 +46,7 @@ from PIL import Image
 from pixgen.embeddings import Embeddings
 from pixgen.errors import EncoderMismatchError, InputError, ModelLoadError
 from pixgen.pipeline import Generator
+from pixgen.sampling import StepCallback
 
 __all__ = [
     "HE_DOMAIN",
@@ -363,9 +364,19 @@ class StainPipeline:
     def run(self, images: Sequence[Any] | None = None, to: str = "her2", *, embeddings: Embeddings | None = None,
             seed: int | None = 0, num_inference_steps: int | None = None, guidance_scale: float | None = None,
             mpp: float | None = None, batch_size: int = 8, progress: bool = False,
-            names: Sequence[str] | None = None) -> StainResult:
+            names: Sequence[str] | None = None, callback: StepCallback | None = None) -> StainResult:
         """Stain H&E ``images`` (or H&E ``embeddings``) to ``to``: one IHC image per input; image
-        ``i`` uses seed ``seed + i``. Returns a :class:`StainResult` (see :meth:`stain` for images only)."""
+        ``i`` uses seed ``seed + i``. Returns a :class:`StainResult` (see :meth:`stain` for images only).
+
+        Args:
+            callback: the sampler's per-step callback, ``callback(step, timestep, latents, x0)``
+                per step of each batch of ``batch_size`` images (the direct baseline: per step of
+                one batch of all images); returning False raises
+                :class:`~pixgen.sampling.SamplingCancelled` and nothing is returned.
+
+        Example:
+            >>> result = pipe.run(["a.png"], to="her2", callback=lambda *step: not stop.is_set())  # doctest: +SKIP
+        """
         translator, gen = self.components(to)
         if (images is None) == (embeddings is None):
             raise InputError("give H&E images or H&E embeddings (one of them)")
@@ -374,7 +385,8 @@ class StainPipeline:
             if images is None:
                 raise InputError("the direct baseline stains H&E images, not embeddings", fix="pass H&E tiles")
             check_mpp(mpp, gen)
-            ims, he_arrays, cond = _direct_stain(gen, images, seed or 0, num_inference_steps, guidance_scale, names)
+            ims, he_arrays, cond = _direct_stain(gen, images, seed or 0, num_inference_steps, guidance_scale, names,
+                                                 callback)
             he = Embeddings(cond.values, encoder=cond.encoder, ids=cond.ids, domain=HE_DOMAIN)
             return StainResult(ims, he_arrays, he, cond, [(seed or 0) + i for i in range(len(ims))],
                                {"stain": self.stain_name(to), "marker": self._stains[self.stain_name(to)].marker,
@@ -383,7 +395,7 @@ class StainPipeline:
             embeddings, he_arrays = self.embed(images, to, mpp=mpp, names=names)
         ihc = translator.translate(embeddings)
         out = gen.generate(ihc, num_images=1, seed=seed, num_inference_steps=num_inference_steps,
-                           guidance_scale=guidance_scale, batch_size=batch_size, progress=progress)
+                           guidance_scale=guidance_scale, batch_size=batch_size, progress=progress, callback=callback)
         settings = {"stain": self.stain_name(to), "marker": translator.marker, "flow_steps": translator.steps,
                     **out.extra}
         return StainResult(out.images, he_arrays, embeddings, ihc, out.seeds, settings)
@@ -392,11 +404,14 @@ class StainPipeline:
         """H&E tiles (paths, PIL images, uint8 arrays) -> IHC tiles (PIL), one per input.
 
         Keywords: ``num_inference_steps``, ``guidance_scale`` (default: the IHC generator's),
-        ``mpp`` (the inputs' resolution, checked against the model's), ``batch_size``, ``progress``.
+        ``mpp`` (the inputs' resolution, checked against the model's), ``batch_size``, ``progress``,
+        ``callback`` (the sampler's per-step callback: returning False cancels with
+        :class:`~pixgen.sampling.SamplingCancelled`; see :meth:`run`).
 
         Example:
             >>> pipe.stain(["a.png", "b.png"], to="her2", seed=0)[0].size     # doctest: +SKIP
             (1024, 1024)
+            >>> pipe.stain(["a.png"], to="her2", callback=lambda step, t, x, x0: step < 5)  # cancels at step 6  # doctest: +SKIP
         """
         return self.run(images, to, seed=seed, **kwargs).images
 
@@ -410,7 +425,9 @@ class StainPipeline:
         :func:`pixgen.large.generate_large`: the region is read at the model's mpp and cut into the
         model's cells (:func:`pixgen.large.layout_from_slide`), the cells' H&E embeddings are
         translated as one grid, and the IHC generator samples overlapping windows on that layout.
-        Returns (the large-image summary, the H&E region at the model's mpp).
+        Returns (the large-image summary, the H&E region at the model's mpp). ``large_kwargs`` go to
+        :func:`~pixgen.large.generate_large` (``tile``, ``compression``, ``callback``: the per window
+        batch and step callback, whose cancel leaves ``OUT.partial/`` to resume).
 
         Example:
             >>> summary, he = pipe.stain_region("slide.svs", "her2.ome.tiff", to="her2", region=(0, 0, 4096, 4096))  # doctest: +SKIP
@@ -451,7 +468,7 @@ def direct_stain(gen: Generator, images: Sequence[Any], *, seed: int = 0, num_in
 
 def _direct_stain(gen: Generator, images: Any, seed: int, num_inference_steps: int | None,
                   guidance_scale: float | None, names: Sequence[str] | None = None,
-                  ) -> tuple[list[Image.Image], list[np.ndarray], Embeddings]:
+                  callback: StepCallback | None = None) -> tuple[list[Image.Image], list[np.ndarray], Embeddings]:
     """:func:`direct_stain`'s images, the H&E tiles as loaded and the condition tokens used."""
     from pixgen.encoders.images import to_uint8_batch
     from pixgen.sampling import check_sampling_args, sample
@@ -474,7 +491,8 @@ def _direct_stain(gen: Generator, images: Any, seed: int, num_inference_steps: i
     control = gen.vae.encode(pixels.to(gen.dtype)).to(gen.dtype)
     noise = gen.initial_noise([seed + i for i in range(len(arrays))])
     latents = sample(gen.transformer, gen.scheduler, noise.to(gen.device, gen.dtype), cond.values.to(gen.device),
-                     num_inference_steps=steps, guidance_scale=guidance, controlnet=gen.controlnet, control=control)
+                     num_inference_steps=steps, guidance_scale=guidance, controlnet=gen.controlnet, control=control,
+                     callback=callback)
     out = ((gen.vae.decode(latents.to(gen.dtype)).float().cpu() + 1) / 2).clamp(0, 1)
     images = [Image.fromarray(a) for a in (out.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
     return images, arrays, cond

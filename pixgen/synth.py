@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from pixgen.embeddings import Embeddings
     from pixgen.io.manifest import SetManifest
     from pixgen.pipeline import Generator
+    from pixgen.sampling import StepCallback
 
 __all__ = [
     "SynthSpec", "ClassSpec", "SamplerSpec", "OutputSpec", "Layout", "load_spec", "parse_spec", "image_seed",
@@ -608,15 +609,23 @@ def _write_failed(path: Path, err: OSError) -> InputError:
 
 
 def build_set(spec: SynthSpec, out: str | Path, *, rejecter: Callable[[Generator], Callable[[list[Any]], list[bool]]] | None = None,
-              progress: bool = True, state: Any = None) -> SetManifest | None:
+              progress: bool = True, state: Any = None, callback: StepCallback | None = None) -> SetManifest | None:
     """Generate (or finish) ``spec``'s set in ``out``; call it on every process of a launch.
 
     Process ``rank`` of ``world`` generates batches ``k`` with ``k mod world == rank``;
     ``rejecter(generator)`` gives ``flags(images) -> list[bool]`` (``--reject-near-copies``):
     flagged images are regenerated with the next attempt's seed. Rank 0 returns the finished manifest; other ranks return None.
 
+    Args:
+        callback: the sampler's per-step callback, ``callback(step, timestep, latents, x0)`` per
+            step of each batch (:meth:`~pixgen.pipeline.Generator.generate_batches`; a batch of a
+            ``strength`` < 1 class runs only its img2img steps). Returning False raises
+            :class:`~pixgen.sampling.SamplingCancelled`: the finished batches' images are kept, the
+            manifest stays ``complete: false``, and a rerun finishes the set (see Resume above).
+
     Example:
         >>> build_set(load_spec("spec.toml"), "out/set")  # doctest: +SKIP
+        >>> build_set(load_spec("spec.toml"), "out/set", callback=lambda *step: not stop.is_set())  # doctest: +SKIP
     """
     from accelerate import PartialState
 
@@ -641,7 +650,7 @@ def build_set(spec: SynthSpec, out: str | Path, *, rejecter: Callable[[Generator
     mine = [b for b in todo if b.number % state.num_processes == state.process_index]
     bar = _progress(spec, todo, progress and state.is_main_process)
     for b in mine:
-        _generate_batch(spec, gen, conds[b.klass], layout, b, out, flags)
+        _generate_batch(spec, gen, conds[b.klass], layout, b, out, flags, callback)
         bar.update(min(len(b.indices) * state.num_processes, bar.total - bar.n))
     bar.close()
     state.wait_for_everyone()
@@ -694,7 +703,7 @@ def _manifest(spec: SynthSpec, gen: Generator, model_name: str, root: Path | Non
 
 
 def _generate_batch(spec: SynthSpec, gen: Generator, cond: _ClassConditions, layout: Layout, b: Batch, out: Path,
-                    rejecter: Callable[[list[Any]], list[bool]] | None) -> None:
+                    rejecter: Callable[[list[Any]], list[bool]] | None, callback: StepCallback | None = None) -> None:
     """Generate one batch; with ``rejecter``, regenerate flagged images (next attempt's seed),
     up to :data:`MAX_ATTEMPTS`; write the images this folder does not hold yet."""
     name = spec.classes[b.klass].name
@@ -704,7 +713,7 @@ def _generate_batch(spec: SynthSpec, gen: Generator, cond: _ClassConditions, lay
     records: dict[int, dict[str, Any]] = {}
     while pending:
         seeds = [image_seed(spec.seed, name, i, attempts[i]) for i in pending]
-        imgs, recs = _sample(spec, gen, cond, pending, seeds)
+        imgs, recs = _sample(spec, gen, cond, pending, seeds, callback)
         flags = rejecter(imgs) if rejecter is not None else [False] * len(imgs)
         again = []
         for i, img, rec, flagged in zip(pending, imgs, recs, flags):
@@ -720,7 +729,8 @@ def _generate_batch(spec: SynthSpec, gen: Generator, cond: _ClassConditions, lay
         _save(out, layout.image(name, i), images[i], {"class": name, "index": i, "spec_sha256": spec.sha256(), **records[i]})
 
 
-def _sample(spec: SynthSpec, gen: Generator, cond: _ClassConditions, indices: list[int], seeds: list[int]):
+def _sample(spec: SynthSpec, gen: Generator, cond: _ClassConditions, indices: list[int], seeds: list[int],
+            callback: StepCallback | None = None):
     """Images for ``indices`` with their own seeds: the seeds' bank draws / rows as tokens and
     the seeds' noise as starting latents (generate() numbers seeds consecutively; we do not)."""
     import torch
@@ -735,7 +745,7 @@ def _sample(spec: SynthSpec, gen: Generator, cond: _ClassConditions, indices: li
     start = [cond.files[i % len(cond.files)] for i in indices] if strength < 1 else None  # img2img from image i's reference
     result = gen.generate(RawEmbeddings(tokens), num_images=1, latents=noise, batch_size=len(indices), control_image=control,
                           image=start, strength=strength, num_inference_steps=spec.sampler.steps,
-                          guidance_scale=spec.sampler.guidance, output_type="pil", progress=False)
+                          guidance_scale=spec.sampler.guidance, output_type="pil", progress=False, callback=callback)
     return result.images, records
 
 
@@ -874,7 +884,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_synth)
 
 
-def run_synth(args: argparse.Namespace) -> int:
+def run_synth(args: argparse.Namespace, *, callback: StepCallback | None = None) -> int:
+    """``pixgen synth`` with its parsed ``args``; ``callback`` is :func:`build_set`'s (the sampler's
+    per-step callback; not called by ``--eval``, which runs after the set is finished).
+
+    Example:
+        >>> run_synth(args, callback=lambda *step: not stop.is_set())  # doctest: +SKIP
+    """
     spec = load_spec(args.spec)
     rejecter = None
     if args.reject_near_copies:
@@ -882,7 +898,7 @@ def run_synth(args: argparse.Namespace) -> int:
             raise InputError("--reject-near-copies needs real held-out images for its threshold",
                              fix="pass --eval REAL_DIR (and --train TRAIN_DIR, or use a model with a bank)")
         rejecter = near_copy_rejecter(args.train, args.eval)
-    manifest = build_set(spec, args.out, rejecter=rejecter, progress=not args.no_progress)
+    manifest = build_set(spec, args.out, rejecter=rejecter, progress=not args.no_progress, callback=callback)
     if manifest is None:  # not rank 0
         return 0
     extra = manifest.spec or {}

@@ -35,7 +35,6 @@ __all__ = [
     "StepProgress",
     "cancel_button",
     "cancelled_notice",
-    "count_model_calls",
     "load_generator",
     "model_picker",
     "new_run_folder",
@@ -234,30 +233,6 @@ class StepProgress:
         self.done += 1
         self.bar.progress(min(1.0, self.done / self.total), text=f"{self.text}: {self.done} / {self.total}")
         return not st.session_state.get(_CANCEL, False)
-
-
-@contextmanager
-def count_model_calls(progress: StepProgress) -> Iterator[None]:
-    """Feed ``progress`` once per denoiser forward made by this script's thread, for library calls
-    that take no step callback (mask pairs, large images, ``pixgen synth``, which loads its own
-    model): a global torch forward pre-hook that counts only ``PixgenTransformer`` calls (not its
-    ControlNet subclass) of the calling thread (each browser session runs in its own), removed after."""
-    import torch
-
-    from pixgen.models.transformer import PixgenTransformer
-    from pixgen.sampling import SamplingCancelled
-
-    owner = threading.get_ident()
-
-    def hook(module: Any, _: Any) -> None:
-        if type(module) is PixgenTransformer and threading.get_ident() == owner and progress() is False:
-            raise SamplingCancelled("cancelled in the studio")
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 _IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\(([^)]+)\)\s*$")

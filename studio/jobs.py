@@ -27,6 +27,7 @@ __all__ = [
     "pick_originals",
     "save_layout",
     "synth_spec_text",
+    "synth_steps",
 ]
 
 
@@ -39,9 +40,11 @@ def cli_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args([str(a) for a in argv])
 
 
-def mask_pairs(gen: Any, args: argparse.Namespace, layouts: list[Any], label: str | None) -> Path:
+def mask_pairs(gen: Any, args: argparse.Namespace, layouts: list[Any], label: str | None,
+               callback: Any = None) -> Path:
     """``pixgen generate --mask`` with an already loaded ``gen``: a paired set (images/, inst/,
-    types/, manifest) of ``args.n`` images per layout, written by :func:`pixgen.masks.write_pair_set`."""
+    types/, manifest) of ``args.n`` images per layout, written by :func:`pixgen.masks.write_pair_set`
+    (``callback``: the sampler's per-step callback, returning False to cancel)."""
     from pixgen.masks import BUNDLED_MASK_MODEL, attach_mask_model, write_pair_set
     from pixgen.sets import set_manifest
 
@@ -49,7 +52,7 @@ def mask_pairs(gen: Any, args: argparse.Namespace, layouts: list[Any], label: st
         attach_mask_model(gen, args.mask_model or BUNDLED_MASK_MODEL)
     write_pair_set(gen, layouts, args.out, set_manifest(args, gen), overwrite=args.overwrite, label=label, n=args.n,
                    seed=args.seed, control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, callback=callback)
     return Path(args.out)
 
 
@@ -135,10 +138,22 @@ def synth_spec_text(model: str, classes: dict[str, dict[str, Any]], *, seed: int
     return "\n".join(lines) + "\n"
 
 
+def synth_steps(spec: Any, steps: int) -> int:
+    """How many times :func:`pixgen.synth.build_set` calls its step callback for ``spec`` with
+    ``steps`` sampler steps: every batch of a class runs them all, or only its img2img share for a
+    ``strength`` < 1 class (no near-copy rejection): the total of its progress bar."""
+    from pixgen.sampling import start_step_for_strength
+
+    def class_steps(c: Any) -> int:
+        return steps - (start_step_for_strength(steps, c.strength) if c.strength and c.strength < 1 else 0)
+
+    return sum(-(-c.count // spec.sampler.batch_size) * class_steps(c) for c in spec.classes)
+
+
 def large_model_calls(gen: Any, height: int, width: int, steps: int, batch_size: int | None = None,
                       overlap: int | None = None) -> int:
-    """How many denoiser calls :func:`pixgen.large.generate_large` makes (windows per step, in
-    batches of ``batch_size``, default its own, times the steps): the total of its progress bar."""
+    """How many times :func:`pixgen.large.generate_large` calls its step callback (once per window
+    batch of ``batch_size``, default its own, per step): the total of its progress bar."""
     import inspect
 
     from pixgen.large import canvas_size, generate_large, window_starts

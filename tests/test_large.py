@@ -23,7 +23,7 @@ from pixgen.large import (
     sample_canvas,
     window_starts,
 )
-from pixgen.sampling import guided_prediction, sample
+from pixgen.sampling import SamplingCancelled, guided_prediction, sample
 from pixgen.testing import tiny_generator
 
 STEPS = 2
@@ -204,6 +204,27 @@ def test_killed_run_resumes_without_redoing_finished_work(gen, tmp_path, monkeyp
     a = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out))
     b = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / "full.png"))
     np.testing.assert_array_equal(a, b)
+
+
+def test_callback_sees_every_window_batch_and_a_cancelled_run_resumes_to_the_same_image(gen, tmp_path):
+    from PIL import Image
+
+    lay, out, steps = _layout(gen, 64, 96), tmp_path / "c.png", 3
+    windows = len(window_starts(16, 8, 6)) * len(window_starts(24, 8, 6))  # 64 x 96 px: 16 x 24 latents, 8-latent windows
+    seen = []
+    full = generate_large(gen, lay, tmp_path / "full.png", num_inference_steps=steps, batch_size=5, progress=False,
+                          callback=lambda step, t, x, x0: seen.append((step, len(x), x0.shape[1:])))
+    assert windows == 12 and [s for s, _, _ in seen] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # 3 batches (5, 5, 2) per step
+    assert [n for _, n, _ in seen[:3]] == [5, 5, 2] and {shape for _, _, shape in seen} == {(4, 8, 8)}
+    calls = []
+    with pytest.raises(SamplingCancelled, match="step 2 of 3"):
+        generate_large(gen, lay, out, num_inference_steps=steps, batch_size=5, progress=False,
+                       callback=lambda step, *_: calls.append(step) or len(calls) < 5)  # cancel in step 2's 2nd batch
+    assert calls == [0, 0, 0, 1, 1] and not out.exists() and (tmp_path / "c.png.partial").is_dir()
+    again = generate_large(gen, lay, out, num_inference_steps=steps, batch_size=5, progress=False)
+    assert not again["resumed_latents"] and full["canvas"] == again["canvas"]  # sampling restarts from its seed
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "full.png")))
+    assert not (tmp_path / "c.png.partial").exists()
 
 
 def test_not_enough_disk_leaves_nothing(gen, tmp_path, monkeypatch):

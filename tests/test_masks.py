@@ -173,3 +173,32 @@ def test_attach_mask_model_refuses_a_missing_folder(tmp_path):
 
     with pytest.raises(ModelLoadError, match="no mask model"):
         attach_mask_model(object(), tmp_path)
+
+
+def test_pair_set_callback_counts_steps_and_a_cancelled_set_leaves_nothing(tmp_path, one_thread):
+    from pixgen.io import ModelId, SamplerSettings, SetManifest
+    from pixgen.masks import attach_mask_model, write_pair_set
+    from pixgen.sampling import SamplingCancelled
+    from pixgen.testing import save_tiny_mask_model, tiny_generator
+
+    inst, _ = _two_touching()
+    big = np.zeros((32, 32), np.uint32)
+    big[:inst.shape[0], :inst.shape[1]] = inst
+    cls = np.where(big > 0, 3, 0).astype(np.uint8)
+    layouts = [Layout(big, cls, "a"), Layout(np.roll(big, 9, 1), np.roll(cls, 9, 1), "b")]
+    mm = save_tiny_mask_model(tmp_path / "mm", [{"inst": big, "types": cls, "tissue": "consep"}])
+    gen = attach_mask_model(tiny_generator(), mm, check_base=False)
+
+    def manifest():
+        return SetManifest(ModelId("tiny"), SamplerSettings(3, 2.0, "Euler", 1, 2))
+
+    kw = {"label": "tumour", "n": 1, "steps": 3, "guidance": 2.0, "batch_size": 1}
+    calls = []
+    with pytest.raises(SamplingCancelled, match="step 1 of 3"):  # the 2nd batch's first step
+        write_pair_set(gen, layouts, tmp_path / "cut", manifest(), callback=lambda *a: calls.append(a[0]) or len(calls) < 4, **kw)
+    assert calls == [0, 1, 2, 0] and not (tmp_path / "cut").exists()  # all pairs are written at the end: nothing half
+    steps = []
+    write_pair_set(gen, layouts, tmp_path / "full", manifest(), callback=lambda *a: steps.append(a[0]), **kw)
+    assert steps == [0, 1, 2] * 2  # per step of each batch (the Paint page's progress total)
+    m = SetManifest.load(tmp_path / "full")
+    assert m.complete and [e.control_image for e in m.files] == ["inst/a.png", "inst/b.png"]

@@ -176,6 +176,22 @@ def test_stain_is_seeded_and_translates(stain_model, tiles, one_thread):
     assert (a.ihc_embeddings.values - a.he_embeddings.values).abs().mean() > 0.05  # the translator moved them
 
 
+def test_callback_sees_each_batch_step_and_cancels(stain_model, tiles, one_thread):
+    from pixgen.sampling import SamplingCancelled
+
+    pipe = StainPipeline.from_pretrained(stain_model)
+    files = sorted(str(p) for p in tiles.iterdir())
+    steps = []
+    result = pipe.run(files, "her2", seed=3, num_inference_steps=3, batch_size=2,
+                      callback=lambda step, t, x, x0: steps.append((step, len(x))))
+    assert steps == [(0, 2), (1, 2), (2, 2), (0, 1), (1, 1), (2, 1)] and len(result.images) == 3
+    calls = []
+    with pytest.raises(SamplingCancelled, match="step 2 of 3"):  # stain() passes it on: in batch 2
+        pipe.stain(files, to="her2", num_inference_steps=3, batch_size=2,
+                   callback=lambda *a: calls.append(a[0]) or len(calls) < 5)
+    assert calls == [0, 1, 2, 0, 1]
+
+
 def test_each_step_refuses_the_wrong_domain_or_encoder(stain_model, one_thread):
     pipe = StainPipeline.from_pretrained(stain_model)
     translator, gen = pipe.components("her2")

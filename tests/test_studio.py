@@ -46,6 +46,27 @@ def downloads(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def progress_bars(monkeypatch):
+    """Every progress bar (core.StepProgress) a page shows: its total, and ``done``: how often the
+    library's step callback fed it. A finished run fills its bar exactly."""
+    from studio import core
+
+    bars = []
+    init = core.StepProgress.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bars.append(self)
+
+    monkeypatch.setattr(core.StepProgress, "__init__", record)
+    return bars
+
+
+def filled(bars) -> list[tuple[int, int]]:
+    return [(bar.done, bar.total) for bar in bars]
+
+
 def page(name: str) -> AppTest:
     at = AppTest.from_file(str(STUDIO / "pages" / f"{name}.py"), default_timeout=TIMEOUT).run()
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
@@ -136,7 +157,7 @@ def test_generate_bad_and_oversized_uploads_are_messages(studio_env):
     assert not at.exception and "purple" in at.error[0].value
 
 
-def test_paint_sampled_layouts_give_pairs(studio_env, downloads):
+def test_paint_sampled_layouts_give_pairs(studio_env, downloads, progress_bars):
     at = page("paint")
     at.radio(key="paint_how").set_value("sample").run()
     at.number_input(key="paint_layouts").set_value(2)
@@ -145,6 +166,7 @@ def test_paint_sampled_layouts_give_pairs(studio_env, downloads):
     shown_ok(at)
     captions = [im.proto.imgs[0].caption for im in at.image]
     assert len(captions) == 4 and captions[0].startswith("mask inst/") and captions[1].startswith("images/")
+    assert filled(progress_bars) == [(2, 2)]  # 2 layouts in one batch of 8, 2 steps
     names = zip_names(next(v for k, v in downloads.items() if k.endswith(".zip")))
     for stem in ("consep_000000", "consep_000001"):
         assert {f"images/{stem}.png", f"inst/{stem}.png", f"types/{stem}.png"} <= set(names)
@@ -195,7 +217,7 @@ def viewer_tiles(body: str) -> list[list[list[np.ndarray]]]:
     return [[[decode(t) for t in row] for row in level["tiles"]] for level in data["levels"]]
 
 
-def test_large_image_label_layout_viewer_and_download(studio_env, downloads):
+def test_large_image_label_layout_viewer_and_download(studio_env, downloads, progress_bars):
     from pixgen.io.slides import open_slide
 
     at = page("large_image")
@@ -204,6 +226,7 @@ def test_large_image_label_layout_viewer_and_download(studio_env, downloads):
     at.button(key="large_go").click().run()
     shown_ok(at)
     assert at.subheader[0].value.startswith("384 x 384 px") and not at.image
+    assert filled(progress_bars) == [(1, 1)]  # 384 px: 4 x 4 overlapping windows, one batch of 16 (the default), 1 step
     (viewer,) = at.html
     assert viewer.proto.unsafe_allow_javascript and "pixgen-viewer-status" in viewer.proto.body
     tiff = studio_env / "large.ome.tiff"
@@ -217,6 +240,20 @@ def test_large_image_label_layout_viewer_and_download(studio_env, downloads):
         # the viewer shows the file's own pixels (JPEG-compressed twice: small differences only)
         assert np.abs(full[1][1].astype(int) - slide.read(256, 256, 0, 128, 128)).mean() < 6
     assert "levels" in at.caption[-1].value and "tiles" in at.caption[-1].value
+
+
+def test_large_image_cancel_is_a_message_and_leaves_the_work_to_resume(studio_env, monkeypatch):
+    from studio import core
+
+    monkeypatch.setattr(core.StepProgress, "__call__", lambda self, *step: False)  # Cancel pressed at the first callback
+    at = page("large_image")
+    at.number_input(key="large_size").set_value(256)
+    at.number_input(key="large_steps").set_value(2)
+    at.button(key="large_go").click().run()
+    assert not at.exception and not at.error and at.warning[0].value.startswith("Cancelled")
+    assert "large_out" not in at.session_state and not at.html  # no earlier or half image shown
+    (work,) = studio_env.glob("*/large/*/large.ome.tiff.partial")
+    assert not (work.parent / "large.ome.tiff").exists()
 
 
 def test_large_image_from_a_class_map_and_a_slide_region(studio_env):
@@ -281,7 +318,7 @@ def test_under_root_follows_links_before_deciding(monkeypatch, tmp_path):
         under_root("missing")
 
 
-def test_augment_writes_the_set_through_synth(studio_env, downloads):
+def test_augment_writes_the_set_through_synth(studio_env, downloads, progress_bars):
     at = page("augment")
     at.selectbox(key="aug_src_lung_n").set_value("interpolations")
     at.selectbox(key="aug_src_lung_scc").set_value("prior")
@@ -292,13 +329,15 @@ def test_augment_writes_the_set_through_synth(studio_env, downloads):
     at.button(key="aug_go").click().run()
     shown_ok(at)
     assert at.subheader[0].value == "6 images in 3 classes"
+    assert filled(progress_bars) == [(3, 3)]  # one batch per class, 1 step
     kinds = [im.proto.imgs[0].caption.split(" · ")[1] for im in at.image]
     assert kinds == ["reference"] * 2 + ["embeddings"] * 2 + ["prior"] * 2
     names = zip_names(next(v for k, v in downloads.items() if k.endswith(".zip")))
     assert {"lung_aca/0000.png", "lung_n/0001.png", "lung_scc/0001.png", "manifest.json"} <= set(names)
 
 
-def test_augment_variation_strength_sets_the_distance_from_the_originals(studio_env, monkeypatch, tmp_path, shared_data):
+def test_augment_variation_strength_sets_the_distance_from_the_originals(studio_env, monkeypatch, tmp_path, shared_data,
+                                                                         progress_bars):
     """The same two originals as two classes, varied at strength 0.3 and 0.9 (real img2img, 6 steps):
     the 0.3 images stay measurably closer to their original's tile than the 0.9 ones."""
     import shutil
@@ -321,6 +360,7 @@ def test_augment_variation_strength_sets_the_distance_from_the_originals(studio_
     at.button(key="aug_go").click().run()
     shown_ok(at)
     assert at.subheader[0].value == "4 images in 2 classes"
+    assert filled(progress_bars) == [(6, 6)]  # img2img runs the last int(6 x strength) steps: 1 at 0.3, 5 at 0.9
     assert list(at.table[0].value["strength"]) == ["0.9", "0.3"]  # far, near (sorted class names)
     out = Path(at.session_state["augment_out"])
     manifest = SetManifest.load(out)
@@ -386,7 +426,7 @@ def test_stain_page_without_or_with_virtual_staining(studio_env):
         assert at.header[0].value == "Stain" and "Type the folder of a stain model" in at.info[0].value
 
 
-def test_stain_page_stains_and_quantifies(studio_env, monkeypatch, tmp_path, downloads):
+def test_stain_page_stains_and_quantifies(studio_env, monkeypatch, tmp_path, downloads, progress_bars):
     pytest.importorskip("pixgen.staining")
     from pixgen.testing import save_tiny_stain_model, synthetic_he_ihc_pair
 
@@ -404,6 +444,7 @@ def test_stain_page_stains_and_quantifies(studio_env, monkeypatch, tmp_path, dow
     shown_ok(at)
     captions = [im.proto.imgs[0].caption for im in at.image]
     assert captions[:2] == ["H&E he.png", "IHC (her2)"]
+    assert filled(progress_bars) == [(2, 2)]  # one tile, 2 steps
     try:
         import metrics.staining  # noqa: F401
     except ImportError:

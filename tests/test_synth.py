@@ -149,6 +149,22 @@ def test_rerun_skips_finished_images_and_refills_missing_ones(tmp_path, model):
     assert _files(out) == before and keep.stat().st_mtime_ns == stamp
 
 
+def test_cancelled_by_the_callback_keeps_finished_batches_and_resumes_to_the_same_set(tmp_path, model, one_thread):
+    from pixgen.sampling import SamplingCancelled
+
+    spec, cut, straight = load_spec(_spec(tmp_path, model)), tmp_path / "cut", tmp_path / "straight"
+    steps = []
+    build_set(spec, straight, progress=False, callback=lambda step, *_: steps.append(step))
+    assert steps == [0, 1] * 5  # 2 steps per batch; batches of 2: tumour 5 -> 3, stroma 4 -> 2
+    calls = []
+    with pytest.raises(SamplingCancelled):
+        build_set(spec, cut, progress=False, callback=lambda *a: calls.append(1) or len(calls) < 5)  # in batch 3
+    assert len(calls) == 5 and not SetManifest.load(cut).complete
+    assert sorted(p.relative_to(cut).as_posix() for p in cut.glob("*/*.png")) == [f"tumour/000{i}.png" for i in range(4)]
+    build_set(spec, cut, progress=False)  # the rerun finishes it
+    assert SetManifest.load(cut).complete and _files(cut) == _files(straight)
+
+
 def test_reference_and_embeddings_classes(tmp_path, model):
     from PIL import Image
 

@@ -48,10 +48,8 @@ def run(preview: bool) -> None:
     argv = ["synth", spec, "--out", folder / "set", "--no-progress"]
     if evaluate and not preview:
         argv += ["--eval", core.under_root(real, "real image folder"), "--eval-max-images", 200, "--eval-utility", "none"]
-    parsed = load_spec(spec)
-    total = sum(-(-c.count // parsed.sampler.batch_size) for c in parsed.classes) * steps
-    with core.running(f"cancel_augment_{preview}", total) as progress, core.count_model_calls(progress):
-        run_synth(jobs.cli_args(argv))
+    with core.running(f"cancel_augment_{preview}", jobs.synth_steps(load_spec(spec), steps)) as progress:
+        run_synth(jobs.cli_args(argv), callback=progress)
     st.session_state["augment_out"] = str(folder / "set")
 
 

@@ -51,9 +51,9 @@ with core.shown_errors():
         layout, _ = build_layout(gen, seed=seed, **source_kw)
         height, width = source_kw.get("size") or layout.size
         total = jobs.large_model_calls(gen, height, width, steps)
-        with core.running("cancel_large", total, "windows x steps") as progress, core.count_model_calls(progress):
+        with core.running("cancel_large", total, "windows x steps") as progress:
             summary = generate_large(gen, layout, out, height=height, width=width, num_inference_steps=steps,
-                                     guidance_scale=guidance, seed=seed, progress=False)
+                                     guidance_scale=guidance, seed=seed, progress=False, callback=progress)
         st.session_state["large_out"] = str(out)
         st.session_state["large_summary"] = summary
 

@@ -62,8 +62,8 @@ with core.shown_errors():
                               "--seed", seed, "--steps", steps, "--control-scale", scale, "--out", folder / "pairs"])
         args.control_image = [str(masks)]  # recorded in the manifest as the set's control input
         total = -(-len(layouts) * n // args.batch_size) * steps
-        with core.running("cancel_paint", total) as progress, core.count_model_calls(progress):
-            st.session_state["paint_out"] = str(jobs.mask_pairs(gen, args, load_layouts(masks), label))
+        with core.running("cancel_paint", total) as progress:
+            st.session_state["paint_out"] = str(jobs.mask_pairs(gen, args, load_layouts(masks), label, callback=progress))
 
 if "paint_out" in st.session_state:
     with core.shown_errors():

@@ -56,8 +56,11 @@ with core.shown_errors():
     if st.button("Stain", type="primary", disabled=not uploads, key="stain_go"):
         st.session_state.pop("stain_out", None)  # a run cancelled or refused shows no earlier result as its own
         paths = [core.save_upload(f, "he") for f in uploads]
-        with core.running("cancel_stain", -(-len(paths) // 8) * steps) as progress, core.count_model_calls(progress):
-            result = pipe.run(paths, to, seed=seed, num_inference_steps=steps, names=[p.name for p in paths])
+        direct = pipe.components(to)[0] is None  # the direct baseline samples all tiles in one batch
+        total = (1 if direct else -(-len(paths) // 8)) * steps
+        with core.running("cancel_stain", total) as progress:
+            result = pipe.run(paths, to, seed=seed, num_inference_steps=steps, names=[p.name for p in paths],
+                              callback=progress)
         out = core.new_run_folder("stain")
         out.mkdir()
         for path, ihc in zip(paths, result.images):
