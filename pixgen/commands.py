@@ -131,8 +131,8 @@ def run_info(args: argparse.Namespace) -> int:
     for key, value in desc.items():
         print(f"{key:<{width}}  {value}")
     if prior:
-        print(f"prior: --label samples new embeddings ({prior['steps']} flow steps, temperature {prior['temperature']}); "
-              "labels and what they mean:")
+        print(f"prior: --label samples new embeddings ({prior['steps']} flow steps, temperature {prior['temperature']} "
+              "unless a label sets its own); labels and what they mean:")
         for name, terms in prior["labels"].items():
             print(f"  {name:<24}  {terms}")
         print("prompt vocabulary (--prompt, comma-separated):")
