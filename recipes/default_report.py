@@ -106,13 +106,13 @@ def _ensure_retrieval(model: str, real: Path, out: Path, detector: str, seed: in
     for src in SOURCES:
         files = sorted((real / src).glob("*.png"))
         for i in sorted(rng.choice(len(files), REFERENCES_PER_SOURCE, replace=False)):
-            ref = load_image(files[i])
-            ref.save(out / "references" / files[i].name)
+            ref, ref_name = load_image(files[i]), f"{src}_{files[i].name}"  # sources number their tiles alike
+            ref.save(out / "references" / ref_name)
             res = gen.generate(reference=[ref], num_images=VARIATIONS, seed=seed, progress=False)
             for j, image in enumerate(res.images):
-                name = f"{files[i].stem}_v{j}.png"
+                name = f"{src}_{files[i].stem}_v{j}.png"
                 image.save(out / "variations" / name)
-                mapping[name] = files[i].name
+                mapping[name] = ref_name
     scores = retrieval_from_folders(out / "references", out / "variations", mapping, detector, seed=seed)
     write_json_atomic(result, scores)
     return scores

@@ -120,11 +120,12 @@ def test_retrieval_stage_maps_each_variation_to_its_reference_and_is_cached(tmp_
     for src in ("consep", "monuseg"):
         (tmp_path / "real" / src).mkdir(parents=True)
         for i in range(7):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "real" / src / f"{src}_{i}.png")
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "real" / src / f"{i:05d}.png")
     model = str(save_tiny_model(tmp_path / "tiny"))
     scores = _ensure_retrieval(model, tmp_path / "real", tmp_path / "ret", "random-conv", seed=0)
     refs = sorted(p.name for p in (tmp_path / "ret" / "references").iterdir())
     variations = sorted(p.name for p in (tmp_path / "ret" / "variations").iterdir())
+    # both sources number their tiles 00000.png, ...: every reference and variation must still be kept
     assert len(refs) == 2 * REFERENCES_PER_SOURCE and len(variations) == len(refs) * VARIATIONS
     assert {v.rsplit("_v", 1)[0] + ".png" for v in variations} == set(refs)
     assert scores["chance"]["top1"] == 1 / len(refs) and 0 <= scores["top1"]["value"] <= 1
