@@ -412,12 +412,13 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
     return result
 
 
-def write_pair_set(gen: Any, layouts: Sequence[Layout], out: str | Path, manifest: Any, *, overwrite: bool = False,
-                   started: float | None = None, **pairs: Any) -> Any:
+def write_pair_set(gen: Any, layouts: Sequence[Layout], out: str | Path, manifest: Any = None, *,
+                   overwrite: bool = False, started: float | None = None, **pairs: Any) -> Any:
     """A finished paired set in ``out`` (refused if it exists, unless ``overwrite``): the
     :class:`pixgen.io.SetWriter` around :func:`generate_pairs` (``pairs``: its keywords), with
-    ``manifest`` and the wall time since ``started`` (``time.perf_counter()``; default: now).
-    ``pixgen generate --mask`` and the studio's Paint page write their sets here.
+    ``manifest`` (default: the model's identity and these sampler settings) and the wall time since
+    ``started`` (``time.perf_counter()``; default: now). ``pixgen generate --mask`` and the
+    studio's Paint page write their sets here.
 
     Args:
         pairs: :func:`generate_pairs`' keywords, ``callback`` (the sampler's per-step callback)
@@ -435,11 +436,25 @@ def write_pair_set(gen: Any, layouts: Sequence[Layout], out: str | Path, manifes
 
     started = time.perf_counter() if started is None else started
     out = check_output_folder(out, overwrite)
+    manifest = manifest or _pair_manifest(gen, len(layouts), pairs)
     with SetWriter.create(out, manifest, overwrite=overwrite) as writer:
         result = generate_pairs(gen, layouts, writer, **pairs)
         writer.finish(conditions=result.conditions.values, encoder=result.conditions.encoder,
                       seconds=time.perf_counter() - started)
     return result
+
+
+def _pair_manifest(gen: Any, count: int, pairs: dict[str, Any]) -> Any:
+    """A manifest for :func:`write_pair_set` called without one (the API, not the CLI)."""
+    from pixgen.io import SamplerSettings, SetManifest
+    from pixgen.io.manifest import model_id
+
+    name = gen.source.name if gen.source else "in-memory"
+    settings = SamplerSettings(int(pairs.get("steps") or gen.config["num_inference_steps"]),
+                               float(pairs.get("guidance") or gen.config["guidance_scale"]), type(gen.scheduler).__name__,
+                               batch_size=pairs.get("batch_size", 8), n=count * pairs.get("n", 1), seed=pairs.get("seed", 0),
+                               control_scale=pairs.get("control_scale", 1.0))
+    return SetManifest(model_id(name, gen.source, gen.config.get("encoder")), settings)
 
 
 def run_mask_generate(args: Any, set_manifest: Any) -> int:

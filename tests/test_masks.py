@@ -198,7 +198,8 @@ def test_pair_set_callback_counts_steps_and_a_cancelled_set_leaves_nothing(tmp_p
         write_pair_set(gen, layouts, tmp_path / "cut", manifest(), callback=lambda *a: calls.append(a[0]) or len(calls) < 4, **kw)
     assert calls == [0, 1, 2, 0] and not (tmp_path / "cut").exists()  # all pairs are written at the end: nothing half
     steps = []
-    write_pair_set(gen, layouts, tmp_path / "full", manifest(), callback=lambda *a: steps.append(a[0]), **kw)
+    write_pair_set(gen, layouts, tmp_path / "full", callback=lambda *a: steps.append(a[0]), **kw)  # default manifest
     assert steps == [0, 1, 2] * 2  # per step of each batch (the Paint page's progress total)
     m = SetManifest.load(tmp_path / "full")
     assert m.complete and [e.control_image for e in m.files] == ["inst/a.png", "inst/b.png"]
+    assert (m.sampler.steps, m.sampler.guidance, m.sampler.n, m.sampler.control_scale) == (3, 2.0, 2, 1.0)
