@@ -83,10 +83,14 @@ def zip_names(payload: bytes) -> list[str]:
     return sorted(zipfile.ZipFile(io.BytesIO(payload)).namelist())
 
 
-def png_bytes(size: int = 128, seed: int = 0) -> bytes:
+def encode_png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), np.uint8)).save(buf, format="PNG")
+    Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_bytes(size: int = 128, seed: int = 0) -> bytes:
+    return encode_png(np.random.default_rng(seed).integers(0, 255, (size, size, 3), np.uint8))
 
 
 def test_app_opens_on_generate(studio_env):
@@ -178,9 +182,7 @@ def test_paint_loaded_mask_and_a_bad_one(studio_env, shared_data):
     at.radio(key="paint_how").set_value("load a mask").run()
     inst = np.zeros((128, 128), np.uint16)
     inst[20:30, 20:30], inst[60:75, 60:70] = 1, 2
-    buf = io.BytesIO()
-    Image.fromarray(inst).save(buf, format="PNG")
-    at.file_uploader(key="paint_mask").upload("mine.png", buf.getvalue(), "image/png").run()
+    at.file_uploader(key="paint_mask").upload("mine.png", encode_png(inst), "image/png").run()
     at.number_input(key="paint_steps").set_value(1)
     at.button(key="paint_go").click().run()
     shown_ok(at)
@@ -262,9 +264,7 @@ def test_large_image_from_a_class_map_and_a_slide_region(studio_env):
     classes = np.zeros((2, 2, 3), np.uint8)
     classes[:, 0] = (255, 0, 0)
     classes[:, 1] = (0, 0, 255)
-    buf = io.BytesIO()
-    Image.fromarray(classes).save(buf, format="PNG")
-    at.file_uploader(key="large_map").upload("map.png", buf.getvalue(), "image/png").run()
+    at.file_uploader(key="large_map").upload("map.png", encode_png(classes), "image/png").run()
     at.number_input(key="large_steps").set_value(1)
     at.button(key="large_go").click().run()
     shown_ok(at)
@@ -436,9 +436,7 @@ def test_stain_page_stains_and_quantifies(studio_env, monkeypatch, tmp_path, dow
     at = page("stain")
     at.text_input(key="stain_dir").set_value("stain").run()
     he, _ = synthetic_he_ihc_pair(32)
-    buf = io.BytesIO()
-    Image.fromarray(he).save(buf, format="PNG")
-    at.file_uploader(key="stain_he").upload("he.png", buf.getvalue(), "image/png").run()
+    at.file_uploader(key="stain_he").upload("he.png", encode_png(he), "image/png").run()
     at.number_input(key="stain_steps").set_value(2)
     at.button(key="stain_go").click().run()
     shown_ok(at)
