@@ -54,6 +54,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,9 @@ class EngineConfig:
     """The loop's settings, shared by every task's config (each task config subclasses this).
 
     Optimisation: ``optimizer`` (``adamw`` or ``came``), ``lr``, ``weight_decay``, ``adam_betas``,
-    ``warmup_steps`` (linear, then constant), ``max_grad_norm`` (0: no clipping), ``batch_size``
+    ``warmup_steps`` (linear, then constant), ``decay_steps`` (0: none; else the learning rate falls
+    linearly to 0 over the last ``decay_steps`` of ``max_steps``: a cooldown, which may be added to a
+    resumed run), ``max_grad_norm`` (0: no clipping), ``batch_size``
     per process (global batch = batch_size x processes x grad_accum), ``mixed_precision``
     (``no``, ``bf16`` on CPU and GPU, ``fp16`` on GPU), ``ema_decay`` (0: no EMA; final/ holds the
     EMA weights otherwise). Bookkeeping: ``checkpoint_every`` / ``keep_checkpoints``,
@@ -97,6 +100,7 @@ class EngineConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
+    decay_steps: int = 0
     max_grad_norm: float = 1.0
     batch_size: int = 32
     grad_accum: int = 1
@@ -113,7 +117,7 @@ class EngineConfig:
     tensorboard: bool = True
 
     # Fields that may differ between an interrupted run and its resumption.
-    RESUMABLE = frozenset({"max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every",
+    RESUMABLE = frozenset({"max_steps", "decay_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "log_every",
                            "num_workers", "tensorboard"})
 
     def engine_problems(self) -> list[str]:
@@ -125,6 +129,8 @@ class EngineConfig:
             problems.append(f"optimizer must be adamw or came, got {self.optimizer!r}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.decay_steps <= self.max_steps:
+            problems.append(f"decay_steps must be in [0, max_steps={self.max_steps}], got {self.decay_steps}")
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -132,6 +138,20 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def lr_factor(cfg: EngineConfig, step: int) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up, constant, then the linear cooldown.
+
+    Example:
+        >>> cfg = EngineConfig(warmup_steps=10, max_steps=100, decay_steps=20)
+        >>> [lr_factor(cfg, s) for s in (0, 5, 50, 80, 90)]
+        [0.0, 0.5, 1.0, 1.0, 0.5]
+    """
+    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if not cfg.decay_steps:
+        return warm
+    return warm * min(1.0, max(0.0, (cfg.max_steps - step) / cfg.decay_steps))
 
 
 class Task:
@@ -467,7 +487,6 @@ class Engine:
 
     def _fit(self) -> Path:
         from accelerate.utils import set_seed
-        from diffusers.optimization import get_constant_schedule_with_warmup
         from diffusers.training_utils import EMAModel
 
         acc = self.accelerator = self._make_accelerator()
@@ -489,10 +508,7 @@ class Engine:
         model.train()
         groups = task.param_groups(model) or [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(groups, cfg)
-        if task.lr_lambda is not None:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_lambda)
-        else:
-            scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_lambda or partial(lr_factor, cfg))
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                              num_workers=cfg.num_workers, pin_memory=not self.cpu)
         model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
