@@ -7,8 +7,9 @@ Stages (each skipped when its output exists):
 
 1. ``real``      every k-th CoNSeP *test* tile at 128 px / 0.5 um/px (image LANCZOS, masks
                  nearest-neighbour) as ``images/ inst/ types/``                  -> WORK/real
-2. ``gen`` / ``floor``  paired sets from the real masks with the ControlNet on / off (same seeds,
-                 same ``consep`` bank draws)                                      -> WORK/gen, WORK/floor
+2. ``gen`` / ``floor``  paired sets from the real masks with the ControlNet on (``--control-scale``,
+                 default 1; another scale writes gen-scaleS, scores-scaleS.json, sheet-scaleS.png) / off
+                 (same seeds, same ``consep`` bank draws)                         -> WORK/gen, WORK/floor
 3. ``scores``    Dice / AJI of the bundled nuclei segmenter (``metrics.nuclei``, trained on the
                  CoNSeP + MoNuSeg train tiles at 0.5 um/px), and detection / per-class type F1 of
                  the typed segmenter (``metrics/weights/nuclei-types``, CoNSeP train tiles), on real
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--tiles", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet scale of the generated set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--typed-segmenter", type=Path, help="typed nuclei segmenter (default: the bundled nuclei-types)")
     a = p.parse_args(argv)
@@ -103,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a.work.mkdir(parents=True, exist_ok=True)
     real = _write_real(a.data, a.work / "real", a.tiles)
     segment = bundled_segmenter()  # the tiles are at its 0.5 um/px
-    gen = _generate(a.model, a.mask_model, real, a.work / "gen", 1.0, a.steps)
+    gen_name = "gen" if a.control_scale == 1.0 else f"gen-scale{a.control_scale:g}"
+    gen = _generate(a.model, a.mask_model, real, a.work / gen_name, a.control_scale, a.steps)
     floor = _generate(a.model, a.mask_model, real, a.work / "floor", 0.0, a.steps)
     typed = typed_segmenter(a.typed_segmenter)
     sets = (("ceiling_real", real), ("generated", gen), ("floor_no_mask", floor))
@@ -119,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                 scores["ceiling_real"][metric]["value"])
         scores[f"{metric}_vs_ceiling"] = round(scores["generated"][metric]["value"]
                                                / scores["ceiling_real"][metric]["value"], 4)
-    write_json_atomic(a.work / "scores.json", scores)
-    _sheet(real, gen, floor, a.work / "sheet.png")
+    scores["control_scale"] = a.control_scale
+    suffix = "" if gen_name == "gen" else gen_name[3:]
+    write_json_atomic(a.work / f"scores{suffix}.json", scores)
+    _sheet(real, gen, floor, a.work / f"sheet{suffix}.png")
     print(json.dumps(scores, indent=1))
     return scores
 
