@@ -37,13 +37,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="--n images along a path in embedding space "
                      "from label / prompt A to B (one seed, the same noise at every point)")
     gen.add_argument("--control-image", nargs="+", help="binary cell mask(s) for a ControlNet model (non-zero = cell)")
-    gen.add_argument("--control-scale", type=float, default=1.0, help="ControlNet strength (0 = off)")
+    gen.add_argument("--control-scale", type=float, help="ControlNet strength (0 = off; default: a mask model's "
+                     "calibrated scale, else 1)")
     gen.add_argument("--mask", help="nuclei mask file or folder (CoNSeP/MoNuSeg inst/ + types/): a paired set out")
     gen.add_argument("--mask-format", choices=["instance", "types", "colour", "binary"],
                      help="how to read --mask files (default: guessed; docs/masks.md)")
     gen.add_argument("--sample-masks", type=int, help="generate N random nuclei layouts and their images")
     gen.add_argument("--tissue", default="consep", help="layout statistics for --sample-masks (consep, monuseg)")
     gen.add_argument("--mask-model", help="mask ControlNet folder (default: the bundled pixgen-masks)")
+    gen.add_argument("--no-mask-terms", action="store_true", help="--mask / --sample-masks with the prior: do not "
+                     "add each mask's density / composition terms to its image's condition (docs/masks.md)")
     # names checked at run time (pixgen.sampling.QUALITY_PRESETS / SAMPLERS): building the parser imports no torch
     gen.add_argument("--quality", help="fast, balanced or best: a flow-matching model's measured sampler, steps, "
                      "guidance interval and dtype (docs/benchmarks.md; default balanced, but the model's own sampler for "

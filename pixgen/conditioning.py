@@ -164,22 +164,38 @@ def _prior_embeddings(model: Generator, prior, values: torch.Tensor, ids: list[s
 class PriorSample(Condition):
     """A new embedding per image from the model's prior for ``label`` or ``prompt`` (one of them),
     from the image's own seed: seed ``s`` gives the same embedding in any run, whatever ``num_images``.
+    ``extra_terms`` (one list per image) adds terms per image where the combination stays one the
+    prior saw (:meth:`pixgen.prior.Vocabulary.extend_seen`): mask-guided generation adds each
+    mask's density / composition (:func:`pixgen.prior.mask_terms`), so an epithelial layout gets an
+    epithelial embedding.
 
     Example:
         >>> gen.generate(PriorSample(prompt="colon, inflammatory-rich"), num_images=4, seed=0)  # doctest: +SKIP
+        >>> gen.generate(PriorSample("consep", extra_terms=[["dense"], ["epithelial"]]), num_images=2)  # doctest: +SKIP
     """
 
     label: str | None = None
     prompt: str | None = None
+    extra_terms: Sequence[Sequence[str]] | None = None
 
     def size(self, model: Generator) -> int:
         return 1
 
     def resolve(self, model: Generator, seeds: Sequence[int | None], generator: torch.Generator | None = None) -> Embeddings:
         prior = _prior(model)
-        z = prior.sample(prior.condition(self.label, self.prompt), seeds, generator)
         name = self.label if self.label is not None else self.prompt
-        return _prior_embeddings(model, prior, z, [f"{name}[prior seed {s}]" for s in seeds])
+        if self.extra_terms is None:
+            z = prior.sample(prior.condition(self.label, self.prompt), seeds, generator)
+            return _prior_embeddings(model, prior, z, [f"{name}[prior seed {s}]" for s in seeds])
+        if len(self.extra_terms) != len(seeds):
+            raise InputError(f"extra_terms has {len(self.extra_terms)} entries for {len(seeds)} images",
+                             fix="give one list of terms per image")
+        vocab = prior.vocabulary
+        base = vocab.terms_of(name)
+        terms = [vocab.extend_seen(base, extra) for extra in self.extra_terms]
+        z = prior.sample(torch.stack([vocab.vector(t) for t in terms]), seeds, generator)
+        ids = [f"{', '.join([name, *t[len(base):]])}[prior seed {s}]" for t, s in zip(terms, seeds)]
+        return _prior_embeddings(model, prior, z, ids)
 
 
 @dataclass(eq=False)

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLASSES", "MASK_CHANNELS", "PALETTE", "MaskFormat", "Layout", "encode_masks", "check_layout",
     "downsample_layout", "fit_layout", "load_layout", "load_layouts", "control_channels", "colour_layout",
-    "BUNDLED_MASK_MODEL", "attach_mask_model", "base_digest", "generate_pairs", "write_pair_set", "run_mask_generate",
+    "BUNDLED_MASK_MODEL", "attach_mask_model", "mask_control_scale", "default_control_scale", "base_digest", "generate_pairs", "write_pair_set", "run_mask_generate",
 ]
 
 CLASSES = ("background", "other", "inflammatory", "epithelial", "spindle-shaped")
@@ -344,9 +344,16 @@ def base_digest(generator_dir: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def mask_control_scale(folder: str | Path = BUNDLED_MASK_MODEL) -> float:
+    """The ControlNet scale a mask model was calibrated for (``base.json``'s ``control_scale``; 1 if unsaid)."""
+    info = Path(folder) / "base.json"
+    return float(json.loads(info.read_text()).get("control_scale", 1.0)) if info.is_file() else 1.0
+
+
 def attach_mask_model(gen: Any, folder: str | Path = BUNDLED_MASK_MODEL, check_base: bool = True) -> Any:
     """Give a Generator the mask ControlNet of ``folder`` (``controlnet/``, ``base.json``,
     ``mask_stats.json``); with ``check_base`` the base digest must match the generator's source.
+    ``gen.mask_control_scale`` becomes the model's calibrated scale (:func:`mask_control_scale`).
 
     Example:
         >>> gen = attach_mask_model(Generator.from_pretrained("pixgen-default"))    # doctest: +SKIP
@@ -366,11 +373,13 @@ def attach_mask_model(gen: Any, folder: str | Path = BUNDLED_MASK_MODEL, check_b
                                      f"{gen.source} --work runs/masks --export DIR")
     controlnet = load_model(PixgenControlNet, folder / "controlnet").to(gen.device)
     gen.controlnet = (controlnet if controlnet.dtype == gen.dtype else controlnet.to(dtype=gen.dtype)).eval()
+    gen.mask_control_scale = mask_control_scale(folder)
     return gen
 
 
-def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: str | None = None, n: int = 1,
-                   seed: int = 0, control_scale: float = 1.0, steps: int | None = None,
+def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: str | None = None,
+                   prompt: str | None = None, from_bank: bool = False, mask_terms: bool = True, n: int = 1,
+                   seed: int = 0, control_scale: float | None = None, steps: int | None = None,
                    guidance: float | None = None, batch_size: int = 8, progress: bool = False,
                    callback: StepCallback | None = None) -> Any:
     """Generate ``n`` images per layout and write a paired set in the CoNSeP layout through a
@@ -379,6 +388,14 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
     image names its instance map (``control_image``). Returns the generation output.
 
     Args:
+        label, prompt: the condition: the model's prior for the label or prompt (a label draws from
+            the bank instead with ``from_bank``, or when the model has no prior); neither: bank draws
+            from all labels.
+        control_scale: the ControlNet's strength (0: off); None: the mask model's calibrated
+            ``gen.mask_control_scale`` (:func:`attach_mask_model`), else 1.
+        mask_terms: with the prior, add each layout's density / composition terms
+            (:func:`pixgen.prior.mask_terms`) to its image's condition, so the embedding agrees with
+            the mask (an epithelial layout gets an epithelial embedding; docs/masks.md measures it).
         callback: the sampler's per-step callback, ``callback(step, timestep, latents, x0)`` per
             step of each batch (:meth:`~pixgen.pipeline.Generator.generate_batches`); returning
             False raises :class:`~pixgen.sampling.SamplingCancelled` before any pair is written.
@@ -388,6 +405,7 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
         ...     generate_pairs(attach_mask_model(gen), load_layouts("consep/test"), w, label="consep")
         >>> generate_pairs(gen, layouts, w, callback=lambda *step: not stop.is_set())     # doctest: +SKIP
     """
+    from pixgen.conditioning import BankDraw
     from pixgen.io import Condition, ImageEntry, save_png
 
     if gen.controlnet is None or gen.controlnet.mask_encoder is None:
@@ -395,8 +413,9 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
                              fix="pass --mask-model DIR (python -m recipes.mask_controlnet ... --export DIR)")
     fitted = [fit_layout(lay, gen.config["image_size"]) for lay in layouts]
     per_image = [lay for lay in fitted for _ in range(n)]
-    result = gen.generate(label=label, num_images=len(per_image), control_image=per_image, seed=seed,
-                          controlnet_conditioning_scale=control_scale, num_inference_steps=steps,
+    condition = _pair_condition(gen, per_image, label, prompt, from_bank, mask_terms)
+    result = gen.generate(condition, num_images=len(per_image), control_image=per_image, seed=seed,
+                          controlnet_conditioning_scale=default_control_scale(gen, control_scale), num_inference_steps=steps,
                           guidance_scale=guidance, batch_size=batch_size, progress=progress, callback=callback)
     typed = any(lay.types is not None for lay in fitted)
     for i, (img, lay, s, cid) in enumerate(zip(result.images, per_image, result.seeds, result.condition_ids)):
@@ -407,9 +426,29 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
         if typed:
             types = lay.types if lay.types is not None else np.zeros(lay.shape, np.uint8)
             save_png(types.astype(np.uint8), writer.out / "types" / f"{name}.png")
-        cond = Condition("label" if label else "bank", cid, cid.rsplit("[", 1)[0])
+        kind = "bank" if condition is None else "label" if isinstance(condition, BankDraw) else "prior"
+        cond = Condition("prompt" if prompt else kind, cid, label or (None if prompt else cid.rsplit("[", 1)[0]))
         writer.add(img, ImageEntry(f"images/{name}.png", s, cond, f"inst/{name}.png"))
     return result
+
+
+def default_control_scale(gen: Any, control_scale: float | None) -> float:
+    """``control_scale``, or the attached mask model's calibrated scale when it is None (1 without one)."""
+    return float(control_scale) if control_scale is not None else float(getattr(gen, "mask_control_scale", 1.0))
+
+
+def _pair_condition(gen: Any, per_image: Sequence[Layout], label: str | None, prompt: str | None, from_bank: bool,
+                    with_mask_terms: bool) -> Any:
+    """:func:`generate_pairs`' condition (None: bank draws from all labels)."""
+    from pixgen.conditioning import BankDraw, PriorSample
+    from pixgen.prior import mask_terms
+
+    if label and prompt:
+        raise InputError("give a label or a prompt, not both")
+    if prompt or (label and gen.prior is not None and not from_bank):
+        extra = [mask_terms(lay.inst, lay.types) for lay in per_image] if with_mask_terms else None
+        return PriorSample(label, prompt, extra_terms=extra)
+    return BankDraw(label) if label else None
 
 
 def write_pair_set(gen: Any, layouts: Sequence[Layout], out: str | Path, manifest: Any = None, *,
@@ -453,7 +492,7 @@ def _pair_manifest(gen: Any, count: int, pairs: dict[str, Any]) -> Any:
     settings = SamplerSettings(int(pairs.get("steps") or gen.config["num_inference_steps"]),
                                float(pairs.get("guidance") or gen.config["guidance_scale"]), type(gen.scheduler).__name__,
                                batch_size=pairs.get("batch_size", 8), n=count * pairs.get("n", 1), seed=pairs.get("seed", 0),
-                               control_scale=pairs.get("control_scale", 1.0))
+                               control_scale=default_control_scale(gen, pairs.get("control_scale")))
     return SetManifest(model_id(name, gen.source, gen.config.get("encoder")), settings)
 
 
@@ -488,10 +527,13 @@ def run_mask_generate(args: Any, set_manifest: Any) -> int:
         stats = Path(args.mask_model or BUNDLED_MASK_MODEL) / "mask_stats.json"
         sampler = MaskSampler.from_json(stats, args.tissue)
         layouts = [sampler.sample(args.seed + i) for i in range(args.sample_masks)]
-        label = args.label or (args.tissue if gen.embedding_bank and args.tissue in gen.embedding_bank.entries else None)
+        known = {*(gen.embedding_bank.entries if gen.embedding_bank else ()), *(gen.prior.labels if gen.prior else ())}
+        label = args.label or (args.tissue if not args.prompt and args.tissue in known else None)
     args.control_image = [args.mask or f"sampled:{args.tissue}"]  # recorded as the set's control input
+    args.control_scale = default_control_scale(gen, args.control_scale)
     result = write_pair_set(gen, layouts, out, set_manifest(args, gen), overwrite=args.overwrite, started=t0,
-                            label=label, n=1 if args.sample_masks else args.n, seed=args.seed,
+                            label=label, prompt=args.prompt, from_bank=args.from_bank,
+                            mask_terms=not args.no_mask_terms, n=1 if args.sample_masks else args.n, seed=args.seed,
                             control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
                             batch_size=args.batch_size)
     print(f"wrote {len(result.images)} paired images (images/, inst/{', types/' if (out / 'types').is_dir() else ''}) "

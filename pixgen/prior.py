@@ -28,17 +28,48 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pixgen.errors import InputError, ModelLoadError
 from pixgen.models.flow import EmbeddingFlow, sample_flow
 
-__all__ = ["Term", "Vocabulary", "EmbeddingPrior", "PRIOR_DIR", "STOP_WORDS"]
+__all__ = ["Term", "Vocabulary", "EmbeddingPrior", "PRIOR_DIR", "STOP_WORDS", "MASK_THRESHOLDS", "mask_terms"]
 
 PRIOR_DIR = "prior"
 PRIOR_FILE = "prior.json"
 # Words a prompt may hold that carry no condition (documented in docs/prior.md; anything else unknown is an error).
 STOP_WORDS = frozenset({"a", "an", "the", "of", "with", "and", "in", "tissue", "tile", "h&e"})
+
+
+# Nuclei per 64 um field and type fractions behind the density / composition terms; chosen from the
+# CoNSeP train distribution (docs/prior.md). The bundled prior was trained on tiles described this way.
+MASK_THRESHOLDS = {"sparse_below": 15, "dense_from": 60, "min_nuclei": 5, "inflammatory_from": 0.3,
+                   "epithelial_from": 0.5, "spindle_from": 0.5}
+
+
+def mask_terms(inst: np.ndarray, types: np.ndarray | None = None) -> list[str]:
+    """The density / composition terms of one 64 um field from its instance map (and CoNSeP type map:
+    1 other, 2 inflammatory, 3 epithelial, 4 spindle-shaped; each nucleus takes its majority type).
+    Any resolution: only counts and shares matter.
+
+    Example:
+        >>> inst = np.zeros((128, 128), np.int32)
+        >>> for i in range(8): inst[i * 16:i * 16 + 4, :4] = i + 1
+        >>> mask_terms(inst, np.where(inst > 0, 3, 0))
+        ['sparse', 'epithelial']
+    """
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    t = MASK_THRESHOLDS
+    terms = ["sparse"] if len(ids) < t["sparse_below"] else ["dense"] if len(ids) >= t["dense_from"] else []
+    if types is None or len(ids) < t["min_nuclei"]:
+        return terms
+    kinds = np.array([np.bincount(types[inst == i], minlength=5)[1:5].argmax() + 1 for i in ids])
+    frac = {k: float((kinds == v).mean()) for k, v in (("inflammatory", 2), ("epithelial", 3), ("spindle", 4))}
+    terms += ["inflammatory-rich"] if frac["inflammatory"] >= t["inflammatory_from"] else []
+    terms += [k for k in ("epithelial", "spindle") if frac[k] >= t[f"{k}_from"]]
+    return terms
 
 
 @dataclass(frozen=True)
@@ -117,6 +148,16 @@ class Vocabulary:
         if self.seen and not any(set(terms) <= set(s) for s in self.seen):
             raise InputError(f"no training tile is described by {' + '.join(terms)} together",
                              fix="drop one of the terms; `pixgen info` lists the labels and terms")
+
+    def extend_seen(self, terms: Sequence[str], extra: Sequence[str]) -> list[str]:
+        """``terms`` plus each of ``extra`` (in order) that keeps the combination one a training tile had:
+        a mask's composition added to a label without asking for an unseen one (``multi-organ`` tiles
+        had no type maps, so ``epithelial`` is dropped there)."""
+        out = list(terms)
+        for t in extra:
+            if t not in out and (not self.seen or any({*out, t} <= set(s) for s in self.seen)):
+                out.append(t)
+        return out
 
     def vector(self, terms: Sequence[str]) -> torch.Tensor:
         """The multi-hot condition vector (dim,) of canonical ``terms``."""

@@ -123,7 +123,8 @@ def set_manifest(args: argparse.Namespace, gen: Any) -> Any:
         sampler=SamplerSettings(steps=steps, guidance=guidance, scheduler=type(gen.scheduler).__name__,
                                 batch_size=args.batch_size, n=args.n, seed=args.seed, device=args.device,
                                 dtype=str(gen.compute_dtype).removeprefix("torch."),
-                                control_scale=args.control_scale if args.control_image else None),
+                                control_scale=(1.0 if args.control_scale is None else args.control_scale)
+                                if args.control_image else None),
         embeddings=FileHash(args.embeddings, sha256_file(args.embeddings))
         if args.embeddings and Path(args.embeddings).is_file() else None,
         references={r: sha256_file(r) for r in args.reference or [] if Path(r).is_file()},
@@ -183,7 +184,7 @@ def write_set(gen: Any, args: argparse.Namespace, *, callback: Callable[..., Any
             latents=gen.initial_noise([args.seed]).repeat(args.n, 1, 1, 1) if path else None,
             num_images=1 if path else args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
             seed=args.seed, batch_size=args.batch_size, control_image=masks,
-            controlnet_conditioning_scale=args.control_scale, progress=progress, callback=callback,
+            controlnet_conditioning_scale=1.0 if args.control_scale is None else args.control_scale, progress=progress, callback=callback,
         ):
             write_batch(writer, args, batch, count_conditions(args, embeddings),
                         prior=gen.prior is not None and not args.from_bank)

@@ -15,7 +15,9 @@ Stages, each skipped when its output exists and resumed when interrupted:
 3. ``stats``  the mask sampler's statistics from the same training layouts -> WORK/mask_stats.json
 4. ``export`` (with ``--export DIR``) fp16 (or ``--int8``: :mod:`pixgen.io.int8`, half the bytes)
               ``DIR/controlnet/``, ``DIR/mask_stats.json`` and ``DIR/base.json`` (the base
-              transformer's weights digest, checked when attached).
+              transformer's weights digest, checked when attached, and ``--control-scale``: the
+              scale `pixgen generate --mask` uses by default, calibrated with ``recipes.mask_eval
+              --control-scale``; a rerun with a new value only re-exports).
 
 Test splits never enter any stage. The cache is tied to the base's VAE and encoder: for a new base
 use a new ``--work``.
@@ -99,8 +101,9 @@ def _train(cache: Path, base: Path, work: Path, steps: int, batch: int, layers: 
     return train(cfg, cache, work / "run", resume=resume)
 
 
-def export(final: Path, base: Path, stats: Path, dest: Path, int8: bool = False) -> Path:
-    """fp16 (or int8) ControlNet + sampler statistics + the base digest into ``dest`` (replaced whole)."""
+def export(final: Path, base: Path, stats: Path, dest: Path, int8: bool = False, control_scale: float = 1.0) -> Path:
+    """fp16 (or int8) ControlNet + sampler statistics + the base digest and default scale into ``dest``
+    (replaced whole)."""
     from pixgen.io import atomic_dir
     from pixgen.io.int8 import save_int8
     from pixgen.masks import base_digest
@@ -113,7 +116,8 @@ def export(final: Path, base: Path, stats: Path, dest: Path, int8: bool = False)
         else:
             controlnet.to(torch.float16).save_pretrained(tmp / "controlnet")
         shutil.copyfile(stats, tmp / "mask_stats.json")
-        write_json_atomic(tmp / "base.json", {"transformer_sha256": base_digest(base), "base": base.name})
+        write_json_atomic(tmp / "base.json", {"transformer_sha256": base_digest(base), "base": base.name,
+                                              "control_scale": control_scale})
     return dest
 
 
@@ -127,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--layers", type=int, default=2, help="base blocks the ControlNet copies")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", type=Path, default=None)
+    p.add_argument("--control-scale", type=float, default=1.0, help="the exported model's default ControlNet scale")
     p.add_argument("--int8", action="store_true", help="export int8 weights (pixgen.io.int8; for bundled models)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -137,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     stats = a.work / "mask_stats.json"
     if not stats.is_file():
         write_json_atomic(stats, fit_stats(train_layouts(a.data)))
-    return export(final, a.base, stats, a.export, int8=a.int8) if a.export else final
+    return export(final, a.base, stats, a.export, int8=a.int8, control_scale=a.control_scale) if a.export else final
 
 
 if __name__ == "__main__":

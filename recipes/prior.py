@@ -9,7 +9,7 @@ Stages (each skipped when its output exists):
    their feature cache made with the bundled autoencoder + ``pixgen-ssl`` (``--cache`` reuses one);
 2. ``terms``: each tile's vocabulary terms: organ and diagnosis from its label; nuclear composition
    (CoNSeP type maps) and density (CoNSeP and MoNuSeg instance maps) from the masks of the same
-   64 um field (thresholds: :data:`THRESHOLDS`);
+   64 um field (thresholds: :data:`pixgen.prior.MASK_THRESHOLDS`);
 3. ``flow``: ``training.tasks.flow``'s task on the standardised embeddings, conditioned on the
    multi-hot term vector; each tile appears once with all its terms and ``copies - 1`` times with a
    random subset, so a prompt that leaves terms unsaid samples their mixture;
@@ -26,14 +26,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pixgen.prior import EmbeddingPrior, Term, Vocabulary
+from pixgen.prior import EmbeddingPrior, Term, Vocabulary, mask_terms
 
-__all__ = ["VOCABULARY", "LABEL_TERMS", "THRESHOLDS", "tile_terms", "field_sources", "training_arrays", "train_prior",
+__all__ = ["VOCABULARY", "LABEL_TERMS", "tile_terms", "field_sources", "training_arrays", "train_prior",
            "grouped_holdout", "validation_sets", "score_validation", "choose_temperatures", "validate", "main"]
-
-# Nuclei per 64 um field and type fractions; chosen from the CoNSeP train distribution (docs/prior.md).
-THRESHOLDS = {"sparse_below": 15, "dense_from": 60, "min_nuclei": 5, "inflammatory_from": 0.3,
-              "epithelial_from": 0.5, "spindle_from": 0.5}
 
 VOCABULARY = [
     Term("lung", "organ", "LC25000 lung tiles", ("pulmonary",)),
@@ -53,21 +49,6 @@ VOCABULARY = [
 ]
 LABEL_TERMS = {"lung_aca": ["lung", "adenocarcinoma"], "lung_n": ["lung", "benign"],
                "lung_scc": ["lung", "squamous-cell-carcinoma"], "consep": ["colon"], "monuseg": ["multi-organ"]}
-
-
-def _mask_stats(inst: np.ndarray, types: np.ndarray | None) -> list[str]:
-    """Composition / density terms of one 64 um field from its instance (and type) map."""
-    ids = np.unique(inst)
-    ids = ids[ids > 0]
-    t = THRESHOLDS
-    terms = ["sparse"] if len(ids) < t["sparse_below"] else ["dense"] if len(ids) >= t["dense_from"] else []
-    if types is None or len(ids) < t["min_nuclei"]:
-        return terms
-    kinds = np.array([np.bincount(types[inst == i], minlength=5)[1:5].argmax() + 1 for i in ids])
-    frac = {k: float((kinds == v).mean()) for k, v in (("inflammatory", 2), ("epithelial", 3), ("spindle", 4))}
-    terms += ["inflammatory-rich"] if frac["inflammatory"] >= t["inflammatory_from"] else []
-    terms += [k for k in ("epithelial", "spindle") if frac[k] >= t[f"{k}_from"]]
-    return terms
 
 
 def _fields(data: Path, split: str = "train"):
@@ -91,7 +72,7 @@ def _field_terms(data: Path, split: str = "train") -> dict[str, list[list[str]]]
     """Mask terms of the CoNSeP and MoNuSeg fields, in tile order."""
     out: dict[str, list[list[str]]] = {"consep": [], "monuseg": []}
     for label, _, inst, types in _fields(data, split):
-        out[label].append(_mask_stats(inst, types))
+        out[label].append(mask_terms(inst, types))
     return out
 
 

@@ -119,7 +119,7 @@ def adherence_report(prior: EmbeddingPrior, train_cache, test_cache, data: Path,
 def nuclear_properties(classified: Sequence[tuple[np.ndarray, np.ndarray]], min_nuclei: int = 5) -> dict[str, np.ndarray]:
     """Per image, from ``NucleiSegmenter.classify`` pairs (instance map, class map): ``nuclei`` (count)
     and each type's share of the nuclei (NaN below ``min_nuclei`` nuclei, as the training terms'
-    ``THRESHOLDS``; a share of two or three nuclei says nothing).
+    ``pixgen.prior.MASK_THRESHOLDS``; a share of two or three nuclei says nothing).
 
     Example:
         >>> inst = np.zeros((8, 8), int); inst[0, :2], inst[4, :2] = 1, 2

@@ -45,11 +45,12 @@ def mask_pairs(gen: Any, args: argparse.Namespace, layouts: list[Any], label: st
     """``pixgen generate --mask`` with an already loaded ``gen``: a paired set (images/, inst/,
     types/, manifest) of ``args.n`` images per layout, written by :func:`pixgen.masks.write_pair_set`
     (``callback``: the sampler's per-step callback, returning False to cancel)."""
-    from pixgen.masks import BUNDLED_MASK_MODEL, attach_mask_model, write_pair_set
+    from pixgen.masks import BUNDLED_MASK_MODEL, attach_mask_model, default_control_scale, write_pair_set
     from pixgen.sets import set_manifest
 
     if gen.controlnet is None or gen.controlnet.mask_encoder is None:
         attach_mask_model(gen, args.mask_model or BUNDLED_MASK_MODEL)
+    args.control_scale = default_control_scale(gen, args.control_scale)
     write_pair_set(gen, layouts, args.out, set_manifest(args, gen), overwrite=args.overwrite, label=label, n=args.n,
                    seed=args.seed, control_scale=args.control_scale, steps=args.steps, guidance=args.guidance,
                    batch_size=args.batch_size, callback=callback)

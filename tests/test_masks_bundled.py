@@ -37,3 +37,29 @@ def test_sample_masks_on_the_bundled_models(tmp_path):
     assert not (out / "types").exists()  # MoNuSeg layouts have no classes
     assert np.asarray(Image.open(out / "images" / names[0])).shape == (128, 128, 3)
     assert np.asarray(Image.open(out / "inst" / names[0])).max() > 3
+
+
+def test_mask_composition_joins_the_prior_condition(tmp_path):
+    """An epithelial, dense CoNSeP layout conditions the bundled prior on ``colon, dense, epithelial``
+    (its own terms), unless --no-mask-terms; MoNuSeg tiles had no type maps, so ``epithelial`` is dropped there."""
+    masks = tmp_path / "masks"
+    (masks / "inst").mkdir(parents=True)
+    (masks / "types").mkdir()
+    inst = np.zeros((128, 128), np.uint16)
+    for i in range(64):
+        y, x = divmod(i, 8)
+        inst[y * 16 + 4:y * 16 + 10, x * 16 + 4:x * 16 + 10] = i + 1
+    Image.fromarray(inst).save(masks / "inst" / "m.png")
+    Image.fromarray(np.where(inst > 0, 3, 0).astype(np.uint8)).save(masks / "types" / "m.png")
+
+    def condition(label, *extra):
+        out = tmp_path / f"{label}{''.join(extra)}"
+        assert main(["generate", "--mask", str(masks), "--label", label, "--n", "1", "--steps", "1", "--out", str(out),
+                     *extra]) == 0
+        return json.loads((out / "manifest.json").read_text())["files"][0]["condition"]
+
+    assert condition("consep") == {"kind": "prior", "id": "consep, dense, epithelial[prior seed 0]",
+                                   "label": "consep", "reference_sha256": None}
+    assert condition("consep", "--no-mask-terms")["id"] == "consep[prior seed 0]"
+    assert condition("monuseg")["id"] == "monuseg, dense[prior seed 0]"
+    assert condition("consep", "--from-bank")["kind"] == "label"

@@ -56,6 +56,27 @@ def test_mask_folder_gives_a_paired_consep_set(models, tmp_path):
                               np.asarray(Image.open(off / "images" / "m0.png")))  # the mask steers
 
 
+def test_the_mask_models_calibrated_scale_is_the_default(models, tmp_path):
+    import shutil
+
+    base, mm = models
+    calibrated = tmp_path / "mm"
+    shutil.copytree(mm, calibrated)
+    info = json.loads((calibrated / "base.json").read_text()) if (calibrated / "base.json").is_file() else {}
+    (calibrated / "base.json").write_text(json.dumps({**info, "control_scale": 1.5}))
+    masks = _masks(tmp_path / "masks")
+    common = ["generate", "--model", str(base), "--mask", str(masks), "--steps", "2", "--n", "1"]
+    scales = {}
+    for name, extra in {"calibrated": ["--mask-model", str(calibrated)], "given": ["--mask-model", str(calibrated),
+                        "--control-scale", "1.5"], "plain": ["--mask-model", str(mm)]}.items():
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        scales[name] = json.loads((tmp_path / name / "manifest.json").read_text())["sampler"]["control_scale"]
+        scales[name + "_image"] = np.asarray(Image.open(tmp_path / name / "images" / "m0.png"))
+    assert (scales["calibrated"], scales["given"], scales["plain"]) == (1.5, 1.5, 1.0)
+    assert np.array_equal(scales["calibrated_image"], scales["given_image"])
+    assert not np.array_equal(scales["calibrated_image"], scales["plain_image"])
+
+
 def test_sampled_masks_are_seeded(models, tmp_path):
     base, mm = models
     common = ["generate", "--model", str(base), "--mask-model", str(mm), "--sample-masks", "3", "--tissue", "consep",

@@ -12,7 +12,7 @@ import torch
 from pixgen.conditioning import BankDraw, PriorPath, PriorSample
 from pixgen.errors import InputError, ModelLoadError
 from pixgen.models.flow import EmbeddingFlow
-from pixgen.prior import EmbeddingPrior, Term, Vocabulary
+from pixgen.prior import EmbeddingPrior, Term, Vocabulary, mask_terms
 from pixgen.testing import TINY_ENCODER_DIM, tiny_generator
 
 TERMS = [Term("a", "organ", "class a", ("alpha",)), Term("b", "organ", "class b"), Term("dense", "density", "many nuclei",
@@ -48,6 +48,42 @@ def test_vocabulary_parses_aliases_labels_and_refuses_unknown_words():
         v.parse("b dense")  # never seen together
     with pytest.raises(InputError, match="names no term"):
         v.parse("the tissue")
+
+
+def _field(n: int, kinds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """n nuclei of 3x3 px in a 256 px field, nucleus i of type kinds[i % len(kinds)]."""
+    inst, types = np.zeros((256, 256), np.int32), np.zeros((256, 256), np.uint8)
+    for i in range(n):
+        y, x = divmod(i, 16)
+        inst[y * 16:y * 16 + 3, x * 16:x * 16 + 3] = i + 1
+        types[y * 16:y * 16 + 3, x * 16:x * 16 + 3] = kinds[i % len(kinds)]
+    return inst, types
+
+
+def test_mask_terms_count_nuclei_and_their_majority_types():
+    assert mask_terms(*_field(70, [3])) == ["dense", "epithelial"]
+    assert mask_terms(*_field(30, [2, 4])) == ["inflammatory-rich", "spindle"]  # 15 of each: 50 % each
+    assert mask_terms(*_field(30, [1, 1, 2])) == ["inflammatory-rich"]  # a third inflammatory
+    assert mask_terms(*_field(4, [3])) == ["sparse"]  # too few nuclei for a composition
+    assert mask_terms(_field(70, [3])[0]) == ["dense"]  # no type map: density only
+    inst, types = _field(20, [3])
+    types[inst == 1] = 2
+    types[0, 0] = 3  # one pixel of another type does not change nucleus 1's majority
+    assert mask_terms(inst, types) == ["epithelial"]
+
+
+def test_extra_terms_join_the_condition_only_where_a_training_tile_had_them(gen):
+    v = gen.prior.vocabulary
+    assert v.extend_seen(["a"], ["dense"]) == ["a", "dense"]
+    assert v.extend_seen(["b"], ["dense"]) == ["b"]  # b was never dense: dropped, not refused
+    kw = dict(num_inference_steps=2, output_type="pt", progress=False, seed=3)
+    out = gen.generate(PriorSample("A", extra_terms=[["dense"], []]), num_images=2, **kw)
+    assert out.condition_ids == ["A, dense[prior seed 3]", "A[prior seed 4]"]
+    plain = PriorSample("A").resolve(gen, [3, 4]).values
+    extra = PriorSample("A", extra_terms=[["dense"], []]).resolve(gen, [3, 4]).values
+    assert not torch.allclose(plain[0], extra[0]) and torch.allclose(plain[1], extra[1])  # same noise, other condition
+    with pytest.raises(InputError, match="1 entries for 2 images"):
+        gen.generate(PriorSample("A", extra_terms=[["dense"]]), num_images=2, **kw)
 
 
 def test_label_samples_the_prior_by_default_and_from_bank_stays(gen):

@@ -8,7 +8,7 @@ from streamlit_drawable_canvas import st_canvas
 
 from pixgen.io import SetManifest, load_image
 from pixgen.mask_sampler import MaskSampler
-from pixgen.masks import BUNDLED_MASK_MODEL, load_layout, load_layouts
+from pixgen.masks import BUNDLED_MASK_MODEL, load_layout, load_layouts, mask_control_scale
 from studio import core, jobs
 from studio.canvas import CLASS_COLOURS, layout_from_canvas
 
@@ -50,7 +50,8 @@ with core.shown_errors():
     n = c2.number_input("Images per layout", 1, 16, 1, key="paint_n")
     seed = c3.number_input("Seed", 0, 2**53 - 1, 0, key="paint_seed")
     steps = c4.number_input("Steps", 1, 200, int(gen.config["num_inference_steps"]), key="paint_steps")
-    scale = c5.number_input("Mask strength", 0.0, 2.0, 1.0, step=0.1)
+    scale = c5.number_input("Mask strength", 0.0, 3.0, mask_control_scale(BUNDLED_MASK_MODEL), step=0.1,
+                            help="the ControlNet's scale; the default is the mask model's calibrated one (docs/masks.md)")
     if st.button("Generate tissue", type="primary", disabled=layouts is None, key="paint_go"):
         st.session_state.pop("paint_out", None)  # a run cancelled or refused shows no earlier pairs as its result
         folder = core.new_run_folder("paint")
