@@ -8,8 +8,10 @@ Stages (each skipped when its output exists):
 1. ``real``      every k-th CoNSeP *test* tile at 128 px / 0.5 um/px (image LANCZOS, masks
                  nearest-neighbour) as ``images/ inst/ types/``                  -> WORK/real
 2. ``gen`` / ``floor``  paired sets from the real masks with the ControlNet on (``--control-scale``,
-                 default 1; another scale writes gen-scaleS, scores-scaleS.json, sheet-scaleS.png) / off
-                 (same seeds, same ``consep`` bank draws)                         -> WORK/gen, WORK/floor
+                 default 1; another scale writes gen-scaleS, scores-scaleS.json, sheet-scaleS.png; with
+                 the masks' composition terms in the prior condition unless ``--no-mask-terms``: suffix
+                 -noterms) / off and without the terms (same seeds, ``consep`` condition)
+                                                                                  -> WORK/gen, WORK/floor
 3. ``scores``    Dice / AJI of the bundled nuclei segmenter (``metrics.nuclei``, trained on the
                  CoNSeP + MoNuSeg train tiles at 0.5 um/px), and detection / per-class type F1 of
                  the typed segmenter (``metrics/weights/nuclei-types``, CoNSeP train tiles), on real
@@ -53,13 +55,15 @@ def _write_real(data: Path, out: Path, tiles: int) -> Path:
     return out
 
 
-def _generate(model: Path, mask_model: Path, real: Path, out: Path, scale: float, steps: int | None) -> Path:
+def _generate(model: Path, mask_model: Path, real: Path, out: Path, scale: float, steps: int | None,
+              mask_terms: bool = True) -> Path:
     from pixgen.cli import main as cli
 
     if not (out / "manifest.json").is_file() or not json.loads((out / "manifest.json").read_text()).get("complete"):
         args = ["generate", "--model", str(model), "--mask-model", str(mask_model), "--mask", str(real),
                 "--label", "consep", "--n", "1", "--control-scale", str(scale), "--out", str(out), "--overwrite"]
-        if cli(args + (["--steps", str(steps)] if steps else [])) != 0:
+        args += ([] if mask_terms else ["--no-mask-terms"]) + (["--steps", str(steps)] if steps else [])
+        if cli(args) != 0:
             raise SystemExit(f"generation into {out} failed")
     return out
 
@@ -95,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--tiles", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--control-scale", type=float, default=1.0, help="ControlNet scale of the generated set")
+    p.add_argument("--no-mask-terms", action="store_true", help="the generated set without the masks' composition terms")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--typed-segmenter", type=Path, help="typed nuclei segmenter (default: the bundled nuclei-types)")
     a = p.parse_args(argv)
@@ -105,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a.work.mkdir(parents=True, exist_ok=True)
     real = _write_real(a.data, a.work / "real", a.tiles)
     segment = bundled_segmenter()  # the tiles are at its 0.5 um/px
-    gen_name = "gen" if a.control_scale == 1.0 else f"gen-scale{a.control_scale:g}"
-    gen = _generate(a.model, a.mask_model, real, a.work / gen_name, a.control_scale, a.steps)
-    floor = _generate(a.model, a.mask_model, real, a.work / "floor", 0.0, a.steps)
+    gen_name = ("gen" if a.control_scale == 1.0 else f"gen-scale{a.control_scale:g}") + ("-noterms" if a.no_mask_terms else "")
+    gen = _generate(a.model, a.mask_model, real, a.work / gen_name, a.control_scale, a.steps, not a.no_mask_terms)
+    floor = _generate(a.model, a.mask_model, real, a.work / "floor", 0.0, a.steps, mask_terms=False)
     typed = typed_segmenter(a.typed_segmenter)
     sets = (("ceiling_real", real), ("generated", gen), ("floor_no_mask", floor))
     counts = {name: type_counts_folder(typed, folder) for name, folder in sets}  # same masks, same order
@@ -122,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                 scores["ceiling_real"][metric]["value"])
         scores[f"{metric}_vs_ceiling"] = round(scores["generated"][metric]["value"]
                                                / scores["ceiling_real"][metric]["value"], 4)
-    scores["control_scale"] = a.control_scale
+    scores.update(control_scale=a.control_scale, mask_terms=not a.no_mask_terms)
     suffix = "" if gen_name == "gen" else gen_name[3:]
     write_json_atomic(a.work / f"scores{suffix}.json", scores)
     _sheet(real, gen, floor, a.work / f"sheet{suffix}.png")
