@@ -15,6 +15,9 @@ instances) is trained identically (same steps, crops, batch, seed) on each arm:
 ``real+synthetic``     both
 =====================  =====================================================================
 
+A mixed arm either pools both sets (``--mix pooled``: tiles drawn uniformly, so the larger set
+dominates the batches) or balances them (``--mix balanced``, the default: the smaller set is
+repeated to the larger one's size, so a batch is half real, half synthetic on average),
 and scored on the real CoNSeP test split (224 tiles) and the MoNuSeg test images with expert
 polygons (at 0.5 um/px): mean per-image foreground Dice and AJI with 95 % bootstrap intervals,
 and paired differences (same test images) for the issue's comparisons.
@@ -82,17 +85,26 @@ def _load_synthetic(folders: Sequence[Path]) -> MaskSet:
     return out
 
 
-def _arm_data(arm: str, real: MaskSet, synthetic: MaskSet | None, seed: int) -> MaskSet:
+def _repeat(s: MaskSet, times: int) -> MaskSet:
+    return s.subset([i for _ in range(times) for i in range(len(s))])
+
+
+def _arm_data(arm: str, real: MaskSet, synthetic: MaskSet | None, seed: int, mix: str = "balanced") -> MaskSet:
     real10 = real.subset(np.sort(np.random.default_rng(seed).choice(len(real), round(REAL_FRACTION * len(real)), replace=False)))
     parts = {"real": real, "real10": real10, "synthetic": synthetic}
     sets = [parts[p] for p in arm.split("+")]
     if any(s is None for s in sets):
         raise SystemExit(f"arm {arm} needs the synthetic pairs")
-    return sets[0] if len(sets) == 1 else sets[0].concat(sets[1])
+    if len(sets) == 1:
+        return sets[0]
+    a, b = sets
+    if mix == "balanced":  # oversample the smaller set to the larger one's size
+        a, b = (_repeat(a, round(len(b) / len(a))), b) if len(a) < len(b) else (a, _repeat(b, round(len(a) / len(b))))
+    return a.concat(b)
 
 
 def train_arms(arms: Sequence[str], work: Path, real: MaskSet, synthetic: MaskSet | None, steps: int, crop: int,
-               batch_size: int, seed: int) -> dict[str, Path]:
+               batch_size: int, seed: int, mix: str = "balanced") -> dict[str, Path]:
     """Train (or find) one untyped nuclei segmenter per arm, all with the same settings and seed."""
     from metrics.nuclei import NucleiSegmenter, foreground_boundary_target
     from metrics.segmentation import train_segmenter
@@ -101,12 +113,12 @@ def train_arms(arms: Sequence[str], work: Path, real: MaskSet, synthetic: MaskSe
     for arm in arms:
         folder = work / "models" / arm
         if not (folder / "config.json").is_file():
-            data = _arm_data(arm, real, synthetic, seed)
+            data = _arm_data(arm, real, synthetic, seed, mix)
             t0 = time.perf_counter()
             log = lambda s, arm=arm: print(f"[{arm}] {s}", file=sys.stderr, flush=True)
             model = train_segmenter(data, steps=steps, crop=crop, batch_size=batch_size, seed=seed,
                                     targets=foreground_boundary_target, log=log)
-            NucleiSegmenter(model).save(folder, name=f"seg-utility:{arm}", arm=arm, n_train=len(data), steps=steps, crop=crop,
+            NucleiSegmenter(model).save(folder, name=f"seg-utility:{arm}", arm=arm, n_train=len(data), mix=mix, steps=steps, crop=crop,
                                         batch_size=batch_size, seed=seed, train_seconds=round(time.perf_counter() - t0, 1))
         out[arm] = folder
     return out
@@ -170,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms to train and score")
     p.add_argument("--steps", type=int, default=500, help="training steps of every segmenter")
     p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--mix", choices=["balanced", "pooled"], default="balanced",
+                   help="mixed arms: repeat the smaller set to the larger's size, or pool them as they are")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the 10 %% subset")
     p.add_argument("--n-boot", type=int, default=200)
@@ -189,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         folders = a.synthetic or synthetic_pairs(a.work, a.n_synthetic, a.part, a.gen_steps, a.seed_synthetic, a.model, a.mask_model)
         synthetic = _load_synthetic(folders)
     real = load_training_tiles(a.data, "train", sources=("consep",))["consep"]
-    models = train_arms(arms, a.work, real, synthetic, a.steps, a.crop, a.batch_size, a.seed)
+    models = train_arms(arms, a.work, real, synthetic, a.steps, a.crop, a.batch_size, a.seed, a.mix)
     tests = load_training_tiles(a.data, "test", tile=False)  # CoNSeP tiles, MoNuSeg expert images, at 0.5 um/px
-    sizes = {arm: len(_arm_data(arm, real, synthetic, a.seed)) for arm in arms}
+    sizes = {arm: len(_arm_data(arm, real, synthetic, a.seed, "pooled")) for arm in arms}  # distinct pairs
     scores = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "n_train": sizes,
               "test": score_arms(models, tests, a.n_boot, a.seed)}
     write_json_atomic(a.work / "scores.json", scores)

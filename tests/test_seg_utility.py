@@ -70,3 +70,19 @@ def test_seg_utility_runs_every_arm_and_resumes(tmp_path, one_thread):
     again = main(args)  # resumes: every model is found, none retrained
     assert {a: (work / "models" / a / "model.safetensors").stat().st_mtime_ns for a in ARMS} == stamp
     assert again["test"] == scores["test"]
+
+
+def test_mixed_arms_balance_real_and_synthetic_by_repeating_the_smaller_set():
+    from metrics.segmentation import MaskSet
+    from recipes.seg_utility import _arm_data
+
+    def tiles(prefix, n):
+        return MaskSet([np.zeros((4, 4, 3), np.uint8)] * n, [np.zeros((4, 4), int)] * n, [f"{prefix}{i}" for i in range(n)])
+
+    real, syn = tiles("r", 20), tiles("s", 40)
+    pooled = _arm_data("real10+synthetic", real, syn, seed=0, mix="pooled")
+    balanced = _arm_data("real10+synthetic", real, syn, seed=0, mix="balanced")
+    assert len(pooled) == 42 and sum(p.startswith("r") for p in pooled.paths) == 2
+    assert len(balanced) == 80 and sum(p.startswith("r") for p in balanced.paths) == 40  # 2 real tiles x 20
+    assert sorted(set(p for p in balanced.paths if p.startswith("r"))) == sorted(set(p for p in pooled.paths if p.startswith("r")))
+    assert len(_arm_data("real+synthetic", tiles("r", 80), syn, seed=0)) == 160  # the smaller (synthetic) set twice
