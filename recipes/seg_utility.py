@@ -15,9 +15,10 @@ instances) is trained identically (same steps, crops, batch, seed) on each arm:
 ``real+synthetic``     both
 =====================  =====================================================================
 
-A mixed arm either pools both sets (``--mix pooled``: tiles drawn uniformly, so the larger set
-dominates the batches) or balances them (``--mix balanced``, the default: the smaller set is
-repeated to the larger one's size, so a batch is half real, half synthetic on average),
+A mixed arm either pools both sets (``--mix pooled``, the default: tiles drawn uniformly, so the
+larger set dominates the batches) or balances them (``--mix balanced``: the smaller set is repeated
+to the larger one's size, so a batch is half real, half synthetic on average; docs/masks.md
+measures both),
 and scored on the real CoNSeP test split (224 tiles) and the MoNuSeg test images with expert
 polygons (at 0.5 um/px): mean per-image foreground Dice and AJI with 95 % bootstrap intervals,
 and paired differences (same test images) for the issue's comparisons.
@@ -89,7 +90,7 @@ def _repeat(s: MaskSet, times: int) -> MaskSet:
     return s.subset([i for _ in range(times) for i in range(len(s))])
 
 
-def _arm_data(arm: str, real: MaskSet, synthetic: MaskSet | None, seed: int, mix: str = "balanced") -> MaskSet:
+def _arm_data(arm: str, real: MaskSet, synthetic: MaskSet | None, seed: int, mix: str = "pooled") -> MaskSet:
     real10 = real.subset(np.sort(np.random.default_rng(seed).choice(len(real), round(REAL_FRACTION * len(real)), replace=False)))
     parts = {"real": real, "real10": real10, "synthetic": synthetic}
     sets = [parts[p] for p in arm.split("+")]
@@ -104,7 +105,7 @@ def _arm_data(arm: str, real: MaskSet, synthetic: MaskSet | None, seed: int, mix
 
 
 def train_arms(arms: Sequence[str], work: Path, real: MaskSet, synthetic: MaskSet | None, steps: int, crop: int,
-               batch_size: int, seed: int, mix: str = "balanced") -> dict[str, Path]:
+               batch_size: int, seed: int, mix: str = "pooled") -> dict[str, Path]:
     """Train (or find) one untyped nuclei segmenter per arm, all with the same settings and seed."""
     from metrics.nuclei import NucleiSegmenter, foreground_boundary_target
     from metrics.segmentation import train_segmenter
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--arms", default=",".join(ARMS), help="comma list of arms to train and score")
     p.add_argument("--steps", type=int, default=500, help="training steps of every segmenter")
     p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--mix", choices=["balanced", "pooled"], default="balanced",
+    p.add_argument("--mix", choices=["pooled", "balanced"], default="pooled",
                    help="mixed arms: repeat the smaller set to the larger's size, or pool them as they are")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of training and of the 10 %% subset")

@@ -85,4 +85,5 @@ def test_mixed_arms_balance_real_and_synthetic_by_repeating_the_smaller_set():
     assert len(pooled) == 42 and sum(p.startswith("r") for p in pooled.paths) == 2
     assert len(balanced) == 80 and sum(p.startswith("r") for p in balanced.paths) == 40  # 2 real tiles x 20
     assert sorted(set(p for p in balanced.paths if p.startswith("r"))) == sorted(set(p for p in pooled.paths if p.startswith("r")))
-    assert len(_arm_data("real+synthetic", tiles("r", 80), syn, seed=0)) == 160  # the smaller (synthetic) set twice
+    assert len(_arm_data("real+synthetic", tiles("r", 80), syn, seed=0, mix="balanced")) == 160  # synthetic twice
+    assert len(_arm_data("real+synthetic", tiles("r", 80), syn, seed=0)) == 120  # pooled by default
