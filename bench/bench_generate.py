@@ -15,6 +15,10 @@ per bank label; synthetic labels are drawn in the real set's proportions).
     python bench/bench_generate.py curve --real /work/runs/gen-v2/test-tiles --n 256 --out /work/runs/speed/curve \\
         --rows euler:28 euler:8 dpm++2m:8 unipc:8 heun:5 --plot docs/benchmarks/fd_vs_steps.png
 
+The stock row needs weights that map onto ``PixArtTransformer2DModel``; an hourglass generator
+(``conv_channels``, the bundled v2) has convolutional stages PixArt does not, so its table has no
+stock row (the old-default row is then the obvious alternative).
+
 A table times its rows in one run, interleaved batch by batch (each batch goes through every row
 before the next), so that a shared machine's changing load falls on all rows alike. A curve's rows
 are kept in ``OUT/rows.json`` as each finishes and skipped when present (resumable; ``--fresh``
@@ -250,10 +254,13 @@ def table(args) -> None:
     old = ("old default (euler:28, CFG every step, fp32)", OLD_DEFAULT)
     candidates = list(QUALITY_PRESETS.values()) + [parse_row(spec) for spec in args.rows or []]
     rows = [old] + [(row_name(p), p) for p in dict.fromkeys(candidates) if p != OLD_DEFAULT]
-    rows.append(("stock PixArtSigmaPipeline (its defaults: DPM-Solver++ 20 steps, guidance 4.5)", None))
+    stock_row = not json.loads((BUNDLED / "transformer" / "config.json").read_text()).get("conv_channels")
+    if stock_row:  # PixArt has no convolutional stages: an hourglass model has no stock pipeline
+        rows.append(("stock PixArtSigmaPipeline (its defaults: DPM-Solver++ 20 steps, guidance 4.5)", None))
     args.fresh = not args.reuse
     done = run_rows(args, rows, interleave=True)
-    base, stock = done[old[0]]["seconds"], done[rows[-1][0]]["seconds"]
+    base = done[old[0]]["seconds"]
+    stock = done[rows[-1][0]]["seconds"] if stock_row else None
     presets = {p: name for name, p in QUALITY_PRESETS.items()}
     dets = list(next(iter(done.values()))["fd"])
     print(header(args))
@@ -263,7 +270,7 @@ def table(args) -> None:
     for name, row in rows:
         r = done[name]
         print(f"| {name} | {presets.get(row, '') if row else ''} | {r['forwards']} | {r['seconds']:.3f} | "
-              f"{base / r['seconds']:.2f}x | {stock / r['seconds']:.2f}x | " + " | ".join(_fmt(r["fd"][d]) for d in dets) + " |")
+              f"{base / r['seconds']:.2f}x | " + (f"{stock / r['seconds']:.2f}x" if stock_row else "-") + " | " + " | ".join(_fmt(r["fd"][d]) for d in dets) + " |")
 
 
 def curve(args) -> None:
