@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CLASSES", "MASK_CHANNELS", "PALETTE", "MaskFormat", "Layout", "encode_masks", "check_layout",
     "downsample_layout", "fit_layout", "load_layout", "load_layouts", "control_channels", "colour_layout",
-    "BUNDLED_MASK_MODEL", "attach_mask_model", "mask_control_scale", "default_control_scale", "base_digest", "generate_pairs", "write_pair_set", "run_mask_generate",
+    "BUNDLED_MASK_MODEL", "attach_mask_model", "mask_control_scale", "default_control_scale", "base_digest",
+    "generate_pairs", "write_pair_set", "run_mask_generate",
 ]
 
 CLASSES = ("background", "other", "inflammatory", "epithelial", "spindle-shaped")
@@ -418,6 +419,7 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
                           controlnet_conditioning_scale=default_control_scale(gen, control_scale), num_inference_steps=steps,
                           guidance_scale=guidance, batch_size=batch_size, progress=progress, callback=callback)
     typed = any(lay.types is not None for lay in fitted)
+    kind = "prompt" if prompt else "bank" if condition is None else "label" if isinstance(condition, BankDraw) else "prior"
     for i, (img, lay, s, cid) in enumerate(zip(result.images, per_image, result.seeds, result.condition_ids)):
         name = lay.name if n == 1 else f"{lay.name}_{i % n}"
         for folder in ("images", "inst", "types") if typed else ("images", "inst"):
@@ -426,8 +428,7 @@ def generate_pairs(gen: Any, layouts: Sequence[Layout], writer: Any, *, label: s
         if typed:
             types = lay.types if lay.types is not None else np.zeros(lay.shape, np.uint8)
             save_png(types.astype(np.uint8), writer.out / "types" / f"{name}.png")
-        kind = "bank" if condition is None else "label" if isinstance(condition, BankDraw) else "prior"
-        cond = Condition("prompt" if prompt else kind, cid, label or (None if prompt else cid.rsplit("[", 1)[0]))
+        cond = Condition(kind, cid, label or (None if prompt else cid.rsplit("[", 1)[0]))
         writer.add(img, ImageEntry(f"images/{name}.png", s, cond, f"inst/{name}.png"))
     return result
 

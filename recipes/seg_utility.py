@@ -87,6 +87,7 @@ def _load_synthetic(folders: Sequence[Path]) -> MaskSet:
 
 
 def _repeat(s: MaskSet, times: int) -> MaskSet:
+    """``s`` concatenated ``times`` times."""
     return s.subset([i for _ in range(times) for i in range(len(s))])
 
 

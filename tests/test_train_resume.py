@@ -81,7 +81,7 @@ def test_resume_extends_a_finished_run_and_refuses_config_changes(cache, tmp_pat
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-00000002", "checkpoint-00000004"]
 
 
-def test_a_cooldown_added_on_resume_takes_the_rate_linearly_to_zero(cache, tmp_path):
+def test_a_cooldown_added_on_resume_takes_the_rate_linearly_to_zero(cache, tmp_path, capsys):
     run = tmp_path / "run"
     base = ["train", "--preset", "tiny", "--data", str(cache), "--out", str(run), "--set", "checkpoint_every=2",
             "--set", "log_every=1", "--set", "sample_every=0"]
@@ -90,4 +90,6 @@ def test_a_cooldown_added_on_resume_takes_the_rate_linearly_to_zero(cache, tmp_p
     with open(run / "log.csv") as f:
         lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
     lr = get_preset("tiny").lr  # the tiny preset has no warm-up
+    assert main([*base, "--resume", "--max-steps", "8", "--set", "decay_steps=9"]) == 1  # longer than the run: refused
+    assert "decay_steps must be in [0, max_steps=8], got 9" in capsys.readouterr().err
     assert [lrs[s] for s in range(1, 9)] == pytest.approx([lr] * 5 + [lr * 0.75, lr * 0.5, lr * 0.25])
